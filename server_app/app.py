@@ -1,0 +1,100 @@
+"""fedpeat ServerApp: compose the config, federate the LoRA adapter, write the run directory."""
+
+from __future__ import annotations
+
+import os
+import time
+import traceback
+from dataclasses import replace
+from logging import INFO
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedpeat.config import Config, compose, to_yaml
+from fedpeat.data import load_samples
+from fedpeat.lora import state_shapes
+from fedpeat.model import describe, model_location
+from fedpeat.outputs import new_run_dir, plot_metrics, write_json_atomic
+from fedpeat.task import ServerModel
+from server_app.recorder import RoundRecorder
+from strategies.fedlora import FedLoRA, to_record
+
+app = ServerApp()
+
+
+def resolve_paths(cfg: Config, workdir: Path) -> Config:
+    """Make relative file paths absolute against `workdir` (devices may run elsewhere)."""
+    data, model = cfg.data, cfg.model
+    if data.path and not Path(data.path).is_absolute() and (workdir / data.path).exists():
+        data = replace(data, path=str((workdir / data.path).resolve()))
+    if model.path and not Path(model.path).is_absolute() and (workdir / model.path).exists():
+        model = replace(model, path=str((workdir / model.path).resolve()))
+    return replace(cfg, data=data, model=model)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    rc = context.run_config
+    workdir = Path(str(rc.get("workdir") or os.getcwd()))
+    # Everything that can be wrong with the input fails here, before a run directory exists.
+    cfg = resolve_paths(compose(str(rc.get("overrides", ""))), workdir)
+    load_samples(cfg.data)
+    output_dir = Path(str(rc.get("output-dir") or "runs"))
+    output_dir = output_dir if output_dir.is_absolute() else workdir / output_dir
+
+    run_dir = new_run_dir(output_dir, cfg.experiment, context.run_id)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    log(INFO, "fedpeat run %s: outputs in %s", context.run_id, run_dir)
+    try:
+        _run(grid, cfg, run_dir)
+    except BaseException:
+        (run_dir / "error.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
+    start = time.perf_counter()
+    server = ServerModel(cfg)
+    log(INFO, "model %s: %s", cfg.model.name, describe(server.model.get_base_model()))
+    strategy = FedLoRA(cfg, state_shapes(server.initial_state))
+    recorder = RoundRecorder(run_dir, cfg.rounds, strategy, server)
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=to_record(server.initial_state),
+        num_rounds=cfg.rounds,
+        timeout=cfg.strategy.round_timeout_s,
+        evaluate_fn=recorder,
+    )
+
+    server.save_adapter(recorder.state, str(run_dir / "adapter"), model_location(cfg.model))
+    rows = recorder.metrics.rows
+    plot_metrics(rows, run_dir)
+    summary = {
+        "status": "completed",
+        "experiment": cfg.experiment,
+        "model": cfg.model.name,
+        "data": cfg.data.name,
+        "rounds": cfg.rounds,
+        "zero_shot_ppl": rows[0]["plugin_ppl"],
+        "final_plugin_ppl": rows[-1]["plugin_ppl"],
+        "best_plugin_ppl": min(r["plugin_ppl"] for r in rows),
+        "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),
+        "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
+        "rejected_total": sum(len(r.get("rejected", [])) for r in rows),
+        "wall_s": time.perf_counter() - start,
+        "run_dir": str(run_dir),
+    }
+    write_json_atomic(run_dir / "summary.json", summary)
+    log(
+        INFO,
+        "done: plug-in ppl %.2f -> %.2f in %d rounds, %.0fs; results in %s",
+        summary["zero_shot_ppl"],
+        summary["final_plugin_ppl"],
+        cfg.rounds,
+        summary["wall_s"],
+        run_dir,
+    )

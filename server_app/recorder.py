@@ -1,0 +1,70 @@
+"""Per-round server evaluation, metrics rows, plots and the progress line."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, MetricRecord
+from flwr.common.logger import log
+
+from fedpeat.outputs import MetricsLog, plot_metrics
+from fedpeat.task import ServerModel
+from strategies.fedlora import FedLoRA, RoundStats, from_record
+
+
+class RoundRecorder:
+    """Flower's `evaluate_fn`: evaluates the plug-in model and writes one metrics row per round.
+
+    Flower calls it once before round 1 (round 0: the base model, since B starts at zero) and
+    after every round, last in the round, so the strategy's stats for the round are complete.
+    """
+
+    def __init__(self, run_dir: Path, rounds: int, strategy: FedLoRA, server: ServerModel) -> None:
+        self.run_dir = run_dir
+        self.rounds = rounds
+        self.strategy = strategy
+        self.server = server
+        self.metrics = MetricsLog(run_dir / "metrics.jsonl")
+        self.start = time.perf_counter()
+        self.state: dict[str, np.ndarray] = dict(server.initial_state)
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        self.state = from_record(arrays)
+        result = self.server.evaluate(self.state)
+        stats = self.strategy.stats.get(server_round, RoundStats())
+        elapsed = time.perf_counter() - self.start
+        row = {
+            "round": server_round,
+            "plugin_ppl": result.ppl,
+            "plugin_loss": result.loss,
+            **stats.as_row(),
+            "eval_s": result.seconds,
+            "elapsed_s": elapsed,
+        }
+        self.metrics.append(row)
+        plot_metrics(self.metrics.rows, self.run_dir)
+        self._progress(server_round, result.ppl, stats, elapsed)
+        return MetricRecord({"plugin_ppl": result.ppl})
+
+    def _progress(self, server_round: int, ppl: float, stats: RoundStats, elapsed: float) -> None:
+        zero = self.metrics.rows[0]["plugin_ppl"]
+        eta = elapsed / server_round * (self.rounds - server_round) if server_round else float("nan")
+        bar = "#" * server_round + "." * (self.rounds - server_round)
+        log(
+            INFO,
+            "[%s] round %d/%d  plug-in ppl %.2f (round 0: %.2f)  devices %d/%d  "
+            "train loss %s  elapsed %.0fs  eta %s",
+            bar,
+            server_round,
+            self.rounds,
+            ppl,
+            zero,
+            stats.num_clients,
+            stats.num_sampled,
+            "-" if stats.train_loss is None else f"{stats.train_loss:.3f}",
+            elapsed,
+            "-" if np.isnan(eta) else f"{eta:.0f}s",
+        )

@@ -1,0 +1,91 @@
+"""Every file in conf/ composes and validates; bad values fail naming the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedpeat.config import CONF_DIR, Config, ConfigError, compose, from_dict, to_dict, validate
+
+# Groups whose files need a value the user must supply (`???`).
+REQUIRED = {
+    ("model", "hf"): ["model.path=/models/some-llama"],
+    ("data", "jsonl"): ["data.path=data.jsonl"],
+    ("data", "hf"): ["data.path=some/dataset"],
+    ("experiment", "gsm8k"): ["data.path=data.jsonl"],
+}
+
+
+def group_files() -> list[tuple[str, str]]:
+    return sorted(
+        (p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml")
+    )
+
+
+def test_every_group_has_files() -> None:
+    groups = {g for g, _ in group_files()}
+    assert {"model", "data", "partition", "adapter", "train", "strategy", "experiment"} <= groups
+
+
+@pytest.mark.parametrize(("group", "name"), group_files())
+def test_each_config_file_composes(group: str, name: str) -> None:
+    cfg = compose([f"{group}={name}", *REQUIRED.get((group, name), [])])
+    assert isinstance(cfg, Config)
+    if group == "experiment":
+        assert cfg.experiment == name
+
+
+def test_default_composes_to_the_documented_default() -> None:
+    cfg = compose()
+    assert (cfg.model.name, cfg.model.source) == ("smollm2_135m", "gguf")
+    assert (cfg.data.source, cfg.partition.kind, cfg.partition.by) == ("shakespeare", "natural", "play")
+    assert cfg.rounds == 3 and cfg.strategy.aggregation == "fedavg"
+
+
+def test_override_string_is_shell_split() -> None:
+    # Hydra needs values with braces or spaces quoted inside the override itself.
+    cfg = compose("model=tiny_llama rounds=5 \"data.prompt_template='Q: {prompt} A: '\"")
+    assert cfg.model.source == "tiny" and cfg.rounds == 5
+    assert cfg.data.prompt_template == "Q: {prompt} A: "
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("model=nope", "available: hf, smollm2_135m, tiny_llama"),
+        ("train.lrr=1", "train.lrr"),
+        ("train.lr=abc", "train.lr"),
+        ("train.lr=-1", "train.lr=-1.0 is out of range"),
+        ("strategy.aggregation=median", "strategy.aggregation='median' is not allowed; expected one of ['fedavg']"),
+        ("partition.by=act", "partition.by='act' is not allowed"),
+        ("data=jsonl", "data.path"),
+        ("model=hf", "model.path"),
+        ("adapter.target_modules=[]", "adapter.target_modules is empty"),
+        ("data.server_fraction=0.9", "data.server_fraction"),
+        ("rounds=0", "rounds=0 is out of range"),
+    ],
+)
+def test_bad_values_name_the_field(override: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        compose(override)
+    assert needle in str(err.value)
+
+
+def test_dict_round_trip() -> None:
+    cfg = compose("model=tiny_llama")
+    again = from_dict(Config, to_dict(cfg))
+    assert again == cfg
+    with pytest.raises(ConfigError, match="unknown keys"):
+        from_dict(Config, {**to_dict(cfg), "bogus": 1})
+
+
+def test_validate_cross_field_rule() -> None:
+    cfg = compose("model=tiny_llama")
+    cfg.model.tiny.num_heads = 3
+    with pytest.raises(ConfigError, match="multiple of model.tiny.num_heads"):
+        validate(cfg)
+
+
+def test_conf_dir_is_inside_the_project() -> None:
+    assert Path(CONF_DIR, "config.yaml").is_file()

@@ -1,0 +1,195 @@
+"""Parsing, samples, splits, partitions and tokenization."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from fedpeat.config import DataConfig, PartitionConfig, compose
+from fedpeat.data import (
+    DataError,
+    collate,
+    device_data,
+    encode,
+    jsonl_samples,
+    load_samples,
+    parse_play,
+    partition_indices,
+    server_data,
+    server_split,
+    speeches_to_samples,
+    train_test_split,
+)
+
+PLAY = """# A Play
+
+## ACT I
+
+### SCENE I. A street.
+
+_Enter ROMEO and JULIET_
+
+**ROMEO**  
+First line,  
+second line.
+
+**JULIET.**  
+Reply.
+
+_Exit ROMEO_
+
+### SCENE II. A garden.
+
+**NURSE**  
+Madam!
+
+**JULIET**  
+Anon.
+"""
+
+
+def test_parse_play_by_hand() -> None:
+    speeches = parse_play(PLAY, "A Play")
+    assert [(s.scene, s.speaker, s.text) for s in speeches] == [
+        (2, "ROMEO", "First line,\nsecond line."),
+        (2, "JULIET", "Reply."),
+        (3, "NURSE", "Madam!"),
+        (3, "JULIET", "Anon."),
+    ]
+
+
+def test_samples_never_cross_a_scene() -> None:
+    samples = speeches_to_samples(parse_play(PLAY, "A Play"), per_sample=3)
+    assert [s["response"] for s in samples] == [
+        "ROMEO:\nFirst line,\nsecond line.\n\nJULIET:\nReply.",
+        "NURSE:\nMadam!\n\nJULIET:\nAnon.",
+    ]
+    assert [(s["play"], s["role"], s["prompt"]) for s in samples] == [
+        ("A Play", "JULIET", ""),
+        ("A Play", "JULIET", ""),
+    ]
+
+
+def test_shakespeare_corpus_is_the_plays() -> None:
+    samples = load_samples(DataConfig())
+    plays = {s["play"] for s in samples}
+    assert len(plays) >= 35 and "Hamlet, Prince of Denmark" in plays or any("Hamlet" in p for p in plays)
+    assert len(samples) > 5000
+    assert all(s["response"] for s in samples)
+
+
+def test_server_split_is_disjoint_and_seeded() -> None:
+    held, pool = server_split(100, 0.1, seed=3)
+    assert len(held) == 10 and len(pool) == 90
+    assert not set(held) & set(pool) and set(held) | set(pool) == set(range(100))
+    np.testing.assert_array_equal(held, server_split(100, 0.1, seed=3)[0])
+    assert not np.array_equal(held, server_split(100, 0.1, seed=4)[0])
+
+
+def test_train_test_split_keeps_both_sides() -> None:
+    train, test = train_test_split(np.arange(3), 0.1, seed=0)
+    assert len(test) == 1 and len(train) == 2
+    with pytest.raises(DataError, match="at least 2"):
+        train_test_split(np.arange(1), 0.1, seed=0)
+
+
+def _synthetic(n_per_group: int, groups: int) -> list[dict[str, str]]:
+    return [
+        {"prompt": "", "response": f"{g}-{i}", "play": f"p{g}"}
+        for g in range(groups)
+        for i in range(n_per_group)
+    ]
+
+
+def test_natural_partition_keeps_each_play_on_one_device() -> None:
+    samples = _synthetic(5, groups=7)
+    parts = partition_indices(samples, PartitionConfig(kind="natural", by="play"), 3, seed=0)
+    assert len(parts) == 3
+    assert sorted(np.concatenate(parts).tolist()) == list(range(35))
+    owners = {}
+    for device, idx in enumerate(parts):
+        for i in idx:
+            owners.setdefault(samples[i]["play"], set()).add(device)
+    assert all(len(v) == 1 for v in owners.values())
+    # 7 plays into 3 devices, groups of 2, the first takes the remainder ("allow-bigger").
+    assert sorted(len(p) for p in parts) == [10, 10, 15]
+
+
+def test_natural_partition_needs_enough_ids() -> None:
+    with pytest.raises(DataError, match="fewer than the 5 devices"):
+        partition_indices(_synthetic(3, 2), PartitionConfig(kind="natural", by="play"), 5, seed=0)
+
+
+def test_iid_and_dirichlet_partitions_cover_the_data() -> None:
+    samples = _synthetic(40, groups=4)
+    for cfg in (PartitionConfig(kind="iid"), PartitionConfig(kind="dirichlet", by="play", alpha=0.3)):
+        parts = partition_indices(samples, cfg, 4, seed=1)
+        assert sorted(np.concatenate(parts).tolist()) == list(range(160))
+    iid = partition_indices(samples, PartitionConfig(kind="iid"), 4, seed=1)
+    assert sorted(len(p) for p in iid) == [40, 40, 40, 40]
+
+
+def test_partition_by_unknown_column_names_it() -> None:
+    with pytest.raises(DataError, match="partition.by='speaker' is not a column"):
+        partition_indices(_synthetic(3, 3), PartitionConfig(kind="natural", by="speaker"), 2, seed=0)
+
+
+def test_devices_never_see_the_server_held_out_set() -> None:
+    cfg = replace(compose().data, max_samples=400)
+    part = PartitionConfig(kind="iid")
+    server = {s["response"] for s in load_samples(cfg)} - {
+        s["response"] for i in range(4) for s in device_data(cfg, part, i, 4).train + device_data(cfg, part, i, 4).test
+    }
+    held = {s["response"] for s in server_data(replace(cfg, server_eval_samples=1000))}
+    assert held and held <= server
+    sizes = [len(device_data(cfg, part, i, 4).train) for i in range(4)]
+    assert sum(sizes) + len(held) + sum(len(device_data(cfg, part, i, 4).test) for i in range(4)) == 400
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "a"}\n{not json}\n')
+    cfg = DataConfig(source="jsonl", path=str(bad))
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        jsonl_samples(cfg, bad)
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:1: missing field\(s\) \['answer'\]"):
+        jsonl_samples(cfg, bad)
+    with pytest.raises(DataError, match="no such file"):
+        jsonl_samples(cfg, tmp_path / "absent.jsonl")
+
+
+def test_jsonl_prompt_template(tmp_path) -> None:
+    f = tmp_path / "d.jsonl"
+    f.write_text(json.dumps({"question": "2+2?", "answer": "4", "topic": "math"}) + "\n")
+    (s,) = jsonl_samples(DataConfig(source="jsonl", path=str(f)), f)
+    assert s == {"prompt": "Question: 2+2?\nAnswer: ", "response": "4", "topic": "math"}
+
+
+def test_gsm8k_loads_as_prompt_response(gsm8k_path) -> None:
+    cfg = compose(f"data=jsonl data.path={gsm8k_path} data.max_samples=50").data
+    samples = load_samples(cfg)
+    assert len(samples) == 50
+    assert all(s["prompt"].startswith("Question: ") and "####" in s["response"] for s in samples)
+
+
+def test_encode_masks_the_prompt(tokenizer) -> None:
+    (e,) = encode([{"prompt": "Question: hi\nAnswer: ", "response": "yes"}], tokenizer, 64)
+    n_prompt = len(tokenizer("Question: hi\nAnswer: ", add_special_tokens=False)["input_ids"])
+    assert e.labels[:n_prompt] == [-100] * n_prompt
+    assert e.labels[n_prompt:] == e.input_ids[n_prompt:]
+    assert e.input_ids[-1] == tokenizer.eos_token_id
+    # A response truncated away entirely carries no loss: the sample is dropped.
+    assert encode([{"prompt": "word " * 50, "response": "yes"}], tokenizer, 8) == []
+
+
+def test_collate_pads_right_with_ignored_labels(tokenizer) -> None:
+    data = encode([{"prompt": "", "response": "a b c d"}, {"prompt": "", "response": "a"}], tokenizer, 32)
+    batch = collate(data, pad_id=0)
+    n0, n1 = len(data[0].input_ids), len(data[1].input_ids)
+    assert batch["input_ids"].shape == (2, n0)
+    assert batch["attention_mask"][1].tolist() == [1] * n1 + [0] * (n0 - n1)
+    assert batch["labels"][1, n1:].tolist() == [-100] * (n0 - n1)

@@ -1,0 +1,80 @@
+"""End to end through `flwr run` (local Ray simulation) on the tiny model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedpeat.launch import launch, marked_pids
+
+pytestmark = pytest.mark.slow
+
+
+def _check_run(outcome, rounds: int) -> list[dict]:
+    assert outcome.ok, f"{outcome.status}: {outcome.run_dir}"
+    run_dir: Path = outcome.run_dir
+    assert (run_dir.parent / "latest").resolve() == run_dir.resolve()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    for key in ("round", "plugin_ppl", "train_loss", "num_clients", "bytes_up", "bytes_down"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["num_clients"] == 0 and rows[0]["train_loss"] is None
+    assert all(r["num_clients"] > 0 and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows[1:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("zero_shot_ppl", "final_plugin_ppl", "rounds", "wall_s"):
+        assert key in summary
+    assert summary["rounds"] == rounds
+    assert summary["zero_shot_ppl"] == rows[0]["plugin_ppl"]
+    assert summary["final_plugin_ppl"] == rows[-1]["plugin_ppl"]
+    for name in ("config.yaml", "ppl.png", "bytes.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run_dir / "error.txt").exists()
+    return rows
+
+
+def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
+    outcome = launch(devices=3, overrides="experiment=tiny", output_dir=tmp_path / "runs", stream=False)
+    rows = _check_run(outcome, rounds=2)
+    assert all(r["num_clients"] == 3 for r in rows[1:])
+    # SuperLink, SuperExec, the simulation and Ray all carried the launch's marker: none is left.
+    assert marked_pids(outcome.marker) == []
+    # The tiny model is random, so training on Shakespeare lowers its perplexity quickly.
+    assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+    # The exported adapter is a standard PEFT adapter that plugs into the base model and
+    # reproduces the server's final plug-in perplexity.
+    from peft import PeftModel
+
+    from fedpeat.data import encode, server_data
+    from fedpeat.model import load_model, load_tokenizer, resolve_device
+    from fedpeat.train import evaluate_ppl
+
+    base = load_model(tiny_cfg.model, cached=False)
+    model = PeftModel.from_pretrained(base, str(outcome.run_dir / "adapter"))
+    tok = load_tokenizer(tiny_cfg.model)
+    held = encode(server_data(tiny_cfg.data), tok, tiny_cfg.data.max_length)
+    res = evaluate_ppl(model, held, tiny_cfg.train.eval_batch_size, tok.pad_token_id, resolve_device("cpu"))
+    assert res.ppl == pytest.approx(rows[-1]["plugin_ppl"], rel=1e-4)
+
+    from fedpeat.generate import generate
+
+    text = generate(outcome.run_dir, "ROMEO:\n", max_new_tokens=8)
+    assert isinstance(text, str) and text
+
+
+def test_gsm8k_jsonl_run_by_overrides_only(tmp_path, gsm8k_path) -> None:
+    overrides = f"experiment=tiny data=jsonl data.path={gsm8k_path} data.max_samples=300 rounds=1"
+    outcome = launch(devices=2, overrides=overrides, output_dir=tmp_path / "runs", stream=False)
+    _check_run(outcome, rounds=1)
+    assert "source: jsonl" in (outcome.run_dir / "config.yaml").read_text()
+
+
+def test_bad_override_fails_before_anything_starts(tmp_path) -> None:
+    from fedpeat.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr"):
+        launch(devices=2, overrides="experiment=tiny train.lr=abc", output_dir=tmp_path / "runs", stream=False)
+    assert not (tmp_path / "runs").exists()
