@@ -28,7 +28,9 @@ def run() -> dict[str, float | str]:
     with tempfile.TemporaryDirectory() as tmp:
         target = Path(tmp) / "converted"
         t0 = time.perf_counter()
-        AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+        )
         gguf_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()

@@ -64,4 +64,3 @@ def evaluate(msg: Message, context: Context) -> Message:
         }
     )
     return Message(RecordDict({METRICS_KEY: metrics}), reply_to=msg)
-

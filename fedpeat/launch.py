@@ -143,10 +143,8 @@ class SuperLink:
             os.killpg(self.proc.pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            pass
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and _group_alive(self.proc.pid):
             time.sleep(0.3)
@@ -196,7 +194,9 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def _flwr(args: list[str], env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def _flwr(
+    args: list[str], env: dict[str, str], timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [_bin("flwr"), *args], env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -213,10 +213,15 @@ def run_status(run_id: int, env: dict[str, str]) -> str:
 
 
 def submit(
-    app_dir: Path, env: dict[str, str], run_config: dict[str, str], federation: dict[str, Any], flwr_home: Path
+    app_dir: Path,
+    env: dict[str, str],
+    run_config: dict[str, str],
+    federation: dict[str, Any],
+    flwr_home: Path,
 ) -> int:
     cfg_file = flwr_home / f"run-config-{os.getpid()}.toml"
     cfg_file.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in run_config.items()))
+
     def toml_value(v: Any) -> str:
         # Flower wants integral resources as TOML integers (1, not 1.0).
         if isinstance(v, float) and v.is_integer():
@@ -225,8 +230,17 @@ def submit(
 
     fed = " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
     res = _flwr(
-        ["run", str(app_dir), CONNECTION, "--run-config", str(cfg_file), "--federation-config", fed,
-         "--format", "json"],
+        [
+            "run",
+            str(app_dir),
+            CONNECTION,
+            "--run-config",
+            str(cfg_file),
+            "--federation-config",
+            fed,
+            "--format",
+            "json",
+        ],
         env,
         timeout=300,
     )
@@ -251,10 +265,13 @@ def launch(
     app_dir: Path = PROJECT_DIR,
 ) -> Outcome:
     """Run the app once in local simulation and return how it ended."""
-    from fedpeat.config import compose
+    from fedpeat.config import compose, resolve_paths
+    from fedpeat.data import partition_sizes
 
     workdir = Path.cwd()
-    compose(overrides)  # a bad override fails here, before any process starts
+    # Bad overrides, unreadable data and impossible partitions fail here, before any process.
+    cfg = resolve_paths(compose(overrides), workdir)
+    partition_sizes(cfg.data, cfg.partition, devices)
     flwr_home = (flwr_home or Path(os.environ.get("FLWR_HOME", PROJECT_DIR / ".flwr"))).resolve()
     output_dir = (output_dir or workdir / "runs").resolve()
     marker = uuid.uuid4().hex
@@ -279,7 +296,9 @@ def launch(
         )
         print(f"[fedpeat] run {run_id} submitted; SuperLink log: {superlink.log_file}", flush=True)
         if stream:
-            log_proc = subprocess.Popen([_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env)
+            log_proc = subprocess.Popen(
+                [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env
+            )
         deadline = time.monotonic() + timeout_s
         next_check = 0.0
         while (now := time.monotonic()) < deadline:
@@ -320,13 +339,25 @@ def _outcome(run_id: int | None, status: str, output_dir: Path, marker: str) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--devices", type=int, default=6, help="simulated devices (SuperNodes)")
-    parser.add_argument("--overrides", default="", help="Hydra overrides, e.g. 'model=tiny_llama rounds=2'")
-    parser.add_argument("--output-dir", type=Path, default=None, help="where runs/<id>/ goes (default ./runs)")
-    parser.add_argument("--cpus-per-device", type=float, default=1.0, help="Ray CPUs per simulated device")
-    parser.add_argument("--gpus-per-device", type=float, default=0.0, help="Ray GPU fraction per device")
-    parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before the run is stopped")
+    parser.add_argument(
+        "--overrides", default="", help="Hydra overrides, e.g. 'model=tiny_llama rounds=2'"
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=None, help="where runs/<id>/ goes (default ./runs)"
+    )
+    parser.add_argument(
+        "--cpus-per-device", type=float, default=1.0, help="Ray CPUs per simulated device"
+    )
+    parser.add_argument(
+        "--gpus-per-device", type=float, default=0.0, help="Ray GPU fraction per device"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=3 * 3600, help="seconds before the run is stopped"
+    )
     parser.add_argument("--no-stream", action="store_true", help="do not stream the run's log")
     args = parser.parse_args(argv)
     try:
@@ -344,15 +375,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if not outcome.ok:
         where = outcome.run_dir or "no run directory"
-        print(f"[fedpeat] run {outcome.run_id} did not complete: {outcome.status} ({where})", file=sys.stderr)
+        print(
+            f"[fedpeat] run {outcome.run_id} did not complete: {outcome.status} ({where})",
+            file=sys.stderr,
+        )
         if outcome.run_dir and (outcome.run_dir / "error.txt").is_file():
             print((outcome.run_dir / "error.txt").read_text(), file=sys.stderr)
         return 1
     s = outcome.summary or {}
     print(
         f"[fedpeat] run {outcome.run_id} completed: plug-in perplexity "
-        f"{s['zero_shot_ppl']:.2f} (base) -> {s['final_plugin_ppl']:.2f} after {s['rounds']} rounds "
-        f"in {s['wall_s']:.0f}s\n[fedpeat] results: {outcome.run_dir}"
+        f"{s['zero_shot_ppl']:.2f} (base) -> {s['final_plugin_ppl']:.2f} "
+        f"after {s['rounds']} rounds in {s['wall_s']:.0f}s\n[fedpeat] results: {outcome.run_dir}"
     )
     return 0
 

@@ -53,7 +53,7 @@ def attach_lora(base: torch.nn.Module, cfg: AdapterConfig, seed: int = 0) -> Pef
         peft_model = get_peft_model(base, lora_config(cfg))
     finally:
         torch.random.set_rng_state(state)
-    return peft_model  # type: ignore[return-value]
+    return peft_model
 
 
 def lora_model(
@@ -79,7 +79,7 @@ def get_adapter_state(model: PeftModel) -> AdapterState:
 
 
 def check_adapter_state(expected: Mapping[str, tuple[int, ...]], state: Mapping[str, Any]) -> None:
-    """Raise AdapterStateError unless `state` has exactly the expected keys, shapes, finite values."""
+    """Raise AdapterStateError unless `state` has exactly the expected keys, shapes, finiteness."""
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:

@@ -100,7 +100,7 @@ def _convert_gguf(cfg: ModelConfig, target: Path, with_model: bool) -> None:
             )
             # The loaded weights are plain fp32 tensors; drop the GGUF quantizer marker so that
             # save_pretrained writes ordinary safetensors.
-            model.hf_quantizer = None
+            model.hf_quantizer = None  # type: ignore[assignment]
             model.config.__dict__.pop("quantization_config", None)
             model.save_pretrained(tmp)
         if target.exists():  # another process finished first
@@ -207,18 +207,20 @@ def load_model(
     dtype = getattr(torch, cfg.dtype)
     if cfg.source == "tiny":
         model = _build_tiny(cfg, vocab_size=len(load_tokenizer(cfg)))
-        model = model.to(dtype=dtype)
+        model.to(dtype=dtype)  # type: ignore[call-arg]  # transformers types .to oddly
     else:
         location = model_location(cfg)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                location, dtype=dtype, revision=(cfg.revision or None) if cfg.source == "hf" else None
+                location,
+                dtype=dtype,
+                revision=(cfg.revision or None) if cfg.source == "hf" else None,
             )
         except OSError as err:
             raise ModelNotFoundError(
                 f"model not found: tried {location!r} (model.source={cfg.source}): {err}"
             ) from err
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]
     model.eval()
     for param in model.parameters():
         param.requires_grad_(False)

@@ -75,16 +75,21 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r["round"] for r in rows]
     written = []
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(rounds, [r.get("plugin_ppl") for r in rows], "o-", label="plug-in (server held-out)")
+    ppl = [
+        float(r["plugin_ppl"]) if r.get("plugin_ppl") is not None else float("nan") for r in rows
+    ]
+    ax.plot(rounds, ppl, "o-", label="plug-in (server held-out)")
     dev = [(r["round"], r["device_ppl"]) for r in rows if r.get("device_ppl") is not None]
     if dev:
         ax.plot(*zip(*dev, strict=True), "s--", label="devices (own held-out)")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("perplexity")
     ax.set_title("Perplexity per round (round 0 = base model)")
     ax.grid(alpha=0.3)
@@ -101,6 +106,7 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]
     ax.bar([x - width / 2 for x in rounds], down, width, label="down (server to devices)")
     ax.bar([x + width / 2 for x in rounds], up, width, label="up (devices to server)")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("MiB")
     ax.set_title("Bytes on the wire per round")
     ax.grid(alpha=0.3, axis="y")

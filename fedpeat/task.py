@@ -42,7 +42,9 @@ class Plan:
 
     @classmethod
     def from_config(cls, cfg: Config, server_round: int) -> Plan:
-        return cls(cfg.model, cfg.data, cfg.partition, cfg.adapter, cfg.train, cfg.seed, server_round)
+        return cls(
+            cfg.model, cfg.data, cfg.partition, cfg.adapter, cfg.train, cfg.seed, server_round
+        )
 
     def to_json(self) -> str:
         return json.dumps(to_dict(self), sort_keys=True)
@@ -55,10 +57,18 @@ class Plan:
 _ENCODED: dict[str, tuple[list[Encoded], list[Encoded]]] = {}
 
 
-def device_encoded(plan: Plan, partition_id: int, num_partitions: int) -> tuple[list[Encoded], list[Encoded]]:
+def device_encoded(
+    plan: Plan, partition_id: int, num_partitions: int
+) -> tuple[list[Encoded], list[Encoded]]:
     """Tokenized (train, held-out) data of one device, cached per process."""
     key = json.dumps(
-        [to_dict(plan.model), to_dict(plan.data), to_dict(plan.partition), partition_id, num_partitions],
+        [
+            to_dict(plan.model),
+            to_dict(plan.data),
+            to_dict(plan.partition),
+            partition_id,
+            num_partitions,
+        ],
         sort_keys=True,
     )
     if key not in _ENCODED:
@@ -96,7 +106,9 @@ def device_evaluate(
     model = lora_model(plan.model, plan.adapter, device)
     set_adapter_state(model, state)
     pad_id = int(load_tokenizer(plan.model).pad_token_id)
-    return evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device), len(test_data)
+    return evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device), len(
+        test_data
+    )
 
 
 class ServerModel:
@@ -127,7 +139,9 @@ class ServerModel:
     def evaluate(self, state: AdapterState) -> EvalResult:
         set_adapter_state(self.model, state)
         pad_id = int(self.tokenizer.pad_token_id)
-        return evaluate_ppl(self.model, self.held_out, self.cfg.train.eval_batch_size, pad_id, self.device)
+        return evaluate_ppl(
+            self.model, self.held_out, self.cfg.train.eval_batch_size, pad_id, self.device
+        )
 
     def save_adapter(self, state: AdapterState, directory: str, base_location: str) -> None:
         """Write a standard PEFT adapter directory for `state`."""

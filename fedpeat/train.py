@@ -125,4 +125,6 @@ def evaluate_ppl(
         )
         count += int((shift_labels != -100).sum())
     loss = nll / max(count, 1)
-    return EvalResult(loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count, seconds=time.perf_counter() - start)
+    return EvalResult(
+        loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count, seconds=time.perf_counter() - start
+    )

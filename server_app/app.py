@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import time
 import traceback
-from dataclasses import replace
 from logging import INFO
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedpeat.config import Config, compose, to_yaml
+from fedpeat.config import Config, compose, resolve_paths, to_yaml
 from fedpeat.data import load_samples
 from fedpeat.lora import state_shapes
 from fedpeat.model import describe, model_location
@@ -23,16 +22,6 @@ from server_app.recorder import RoundRecorder
 from strategies.fedlora import FedLoRA, to_record
 
 app = ServerApp()
-
-
-def resolve_paths(cfg: Config, workdir: Path) -> Config:
-    """Make relative file paths absolute against `workdir` (devices may run elsewhere)."""
-    data, model = cfg.data, cfg.model
-    if data.path and not Path(data.path).is_absolute() and (workdir / data.path).exists():
-        data = replace(data, path=str((workdir / data.path).resolve()))
-    if model.path and not Path(model.path).is_absolute() and (workdir / model.path).exists():
-        model = replace(model, path=str((workdir / model.path).resolve()))
-    return replace(cfg, data=data, model=model)
 
 
 @app.main()

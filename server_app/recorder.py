@@ -51,7 +51,9 @@ class RoundRecorder:
 
     def _progress(self, server_round: int, ppl: float, stats: RoundStats, elapsed: float) -> None:
         zero = self.metrics.rows[0]["plugin_ppl"]
-        eta = elapsed / server_round * (self.rounds - server_round) if server_round else float("nan")
+        eta = (
+            elapsed / server_round * (self.rounds - server_round) if server_round else float("nan")
+        )
         bar = "#" * server_round + "." * (self.rounds - server_round)
         log(
             INFO,

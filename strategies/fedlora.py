@@ -15,7 +15,15 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
@@ -25,7 +33,6 @@ from fedpeat.lora import AdapterStateError, check_adapter_state
 from fedpeat.protocol import ADAPTER_KEY, METRICS_KEY, PLAN_KEY
 from fedpeat.task import Plan
 from strategies.aggregation import weighted_average, weighted_mean
-
 
 
 def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -146,7 +153,13 @@ class FedLoRA(Strategy):
             checked = self.validate_reply(msg)
             if isinstance(checked, str):
                 node = msg.metadata.src_node_id
-                log(WARNING, "round %d: rejected reply from node %d: %s", server_round, node, checked)
+                log(
+                    WARNING,
+                    "round %d: rejected reply from node %d: %s",
+                    server_round,
+                    node,
+                    checked,
+                )
                 stats.rejected.append({"node": node, "reason": checked})
                 continue
             state, weight, loss = checked
@@ -175,14 +188,21 @@ class FedLoRA(Strategy):
         self._stats(server_round).bytes_down += arrays.count_bytes() * len(nodes)
         return self._messages(server_round, arrays, nodes, MessageType.EVALUATE)
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         losses, tokens = [], []
         for msg in replies:
             if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
                 continue
             m = msg.content.metric_records[METRICS_KEY]
             loss, count = m.get("eval_loss"), m.get("eval_tokens")
-            if isinstance(loss, (int, float)) and np.isfinite(loss) and isinstance(count, (int, float)) and count > 0:
+            if (
+                isinstance(loss, (int, float))
+                and np.isfinite(loss)
+                and isinstance(count, (int, float))
+                and count > 0
+            ):
                 losses.append(float(loss))
                 tokens.append(float(count))
         if not losses:

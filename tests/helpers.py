@@ -46,7 +46,9 @@ def server_message(message_type: str, state: dict[str, np.ndarray], plan_json: s
     return make_message(metadata(message_type), content)
 
 
-def device_reply(node: int, state: dict[str, np.ndarray] | None, metrics: dict[str, float]) -> Message:
+def device_reply(
+    node: int, state: dict[str, np.ndarray] | None, metrics: dict[str, float]
+) -> Message:
     records: dict = {METRICS_KEY: MetricRecord(metrics)}
     if state is not None:
         records[ADAPTER_KEY] = arrays(state)

@@ -10,8 +10,14 @@ from strategies.aggregation import weighted_average, weighted_mean
 
 def test_weighted_average_by_hand() -> None:
     # Two devices with 1 and 3 examples: weights 1/4 and 3/4.
-    a = {"lora_A": np.array([[1.0, 2.0]], dtype=np.float32), "lora_B": np.array([[4.0], [0.0]], dtype=np.float32)}
-    b = {"lora_A": np.array([[5.0, -2.0]], dtype=np.float32), "lora_B": np.array([[0.0], [8.0]], dtype=np.float32)}
+    a = {
+        "lora_A": np.array([[1.0, 2.0]], dtype=np.float32),
+        "lora_B": np.array([[4.0], [0.0]], dtype=np.float32),
+    }
+    b = {
+        "lora_A": np.array([[5.0, -2.0]], dtype=np.float32),
+        "lora_B": np.array([[0.0], [8.0]], dtype=np.float32),
+    }
     out = weighted_average([a, b], [1, 3])
     # lora_A: 0.25*[1,2] + 0.75*[5,-2] = [4, -1]; lora_B: 0.25*[4,0] + 0.75*[0,8] = [1, 6]
     np.testing.assert_allclose(out["lora_A"], [[4.0, -1.0]])

@@ -33,7 +33,9 @@ def test_client_train_replies_with_a_trained_adapter(tiny_cfg, server) -> None:
 
 
 def test_client_evaluate_reports_perplexity(tiny_cfg, server) -> None:
-    msg = server_message(MessageType.EVALUATE, server.initial_state, Plan.from_config(tiny_cfg, 1).to_json())
+    msg = server_message(
+        MessageType.EVALUATE, server.initial_state, Plan.from_config(tiny_cfg, 1).to_json()
+    )
     reply = client_app(msg, context(partition_id=0, num_partitions=3))
     metrics = reply.content.metric_records[METRICS_KEY]
     assert metrics["eval_ppl"] == pytest.approx(np.exp(metrics["eval_loss"]))
@@ -41,7 +43,9 @@ def test_client_evaluate_reports_perplexity(tiny_cfg, server) -> None:
 
 
 def test_client_without_partition_config_errors(tiny_cfg, server) -> None:
-    msg = server_message(MessageType.TRAIN, server.initial_state, Plan.from_config(tiny_cfg, 1).to_json())
+    msg = server_message(
+        MessageType.TRAIN, server.initial_state, Plan.from_config(tiny_cfg, 1).to_json()
+    )
     ctx = context()
     ctx.node_config = {}
     with pytest.raises(ValueError, match="partition-id and num-partitions"):
@@ -55,8 +59,12 @@ def _state(value: float, shapes) -> dict[str, np.ndarray]:
 def test_strategy_rejects_bad_replies_and_averages_the_rest(tiny_cfg) -> None:
     shapes = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
     strategy = FedLoRA(tiny_cfg, shapes)
-    good1 = device_reply(1, _state(1.0, shapes), {"num-examples": 1, "train_loss": 2.0, "train_s": 1.0})
-    good2 = device_reply(2, _state(5.0, shapes), {"num-examples": 3, "train_loss": 4.0, "train_s": 3.0})
+    good1 = device_reply(
+        1, _state(1.0, shapes), {"num-examples": 1, "train_loss": 2.0, "train_s": 1.0}
+    )
+    good2 = device_reply(
+        2, _state(5.0, shapes), {"num-examples": 3, "train_loss": 4.0, "train_s": 3.0}
+    )
     nan_state = _state(1.0, shapes)
     nan_state["a.lora_A.weight"][0, 0] = np.nan
     replies = [
@@ -64,8 +72,14 @@ def test_strategy_rejects_bad_replies_and_averages_the_rest(tiny_cfg) -> None:
         good2,
         error_reply(3, "out of memory"),
         device_reply(4, nan_state, {"num-examples": 1, "train_loss": 1.0}),
-        device_reply(5, {"a.lora_A.weight": np.zeros((3, 3), np.float32), "a.lora_B.weight": np.zeros((3, 2), np.float32)},
-                     {"num-examples": 1, "train_loss": 1.0}),
+        device_reply(
+            5,
+            {
+                "a.lora_A.weight": np.zeros((3, 3), np.float32),
+                "a.lora_B.weight": np.zeros((3, 2), np.float32),
+            },
+            {"num-examples": 1, "train_loss": 1.0},
+        ),
         device_reply(6, None, {"num-examples": 1, "train_loss": 1.0}),
         device_reply(7, _state(1.0, shapes), {"num-examples": 0, "train_loss": 1.0}),
         device_reply(8, _state(1.0, shapes), {"num-examples": 2, "train_loss": float("inf")}),

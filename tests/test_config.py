@@ -18,9 +18,7 @@ REQUIRED = {
 
 
 def group_files() -> list[tuple[str, str]]:
-    return sorted(
-        (p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml")
-    )
+    return sorted((p.parent.name, p.stem) for p in CONF_DIR.glob("*/*.yaml"))
 
 
 def test_every_group_has_files() -> None:
@@ -39,7 +37,11 @@ def test_each_config_file_composes(group: str, name: str) -> None:
 def test_default_composes_to_the_documented_default() -> None:
     cfg = compose()
     assert (cfg.model.name, cfg.model.source) == ("smollm2_135m", "gguf")
-    assert (cfg.data.source, cfg.partition.kind, cfg.partition.by) == ("shakespeare", "natural", "play")
+    assert (cfg.data.source, cfg.partition.kind, cfg.partition.by) == (
+        "shakespeare",
+        "natural",
+        "play",
+    )
     assert cfg.rounds == 3 and cfg.strategy.aggregation == "fedavg"
 
 
@@ -57,7 +59,10 @@ def test_override_string_is_shell_split() -> None:
         ("train.lrr=1", "train.lrr"),
         ("train.lr=abc", "train.lr"),
         ("train.lr=-1", "train.lr=-1.0 is out of range"),
-        ("strategy.aggregation=median", "strategy.aggregation='median' is not allowed; expected one of ['fedavg']"),
+        (
+            "strategy.aggregation=median",
+            "strategy.aggregation='median' is not allowed; expected one of ['fedavg']",
+        ),
         ("partition.by=act", "partition.by='act' is not allowed"),
         ("data=jsonl", "data.path"),
         ("model=hf", "model.path"),

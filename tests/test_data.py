@@ -76,7 +76,9 @@ def test_samples_never_cross_a_scene() -> None:
 def test_shakespeare_corpus_is_the_plays() -> None:
     samples = load_samples(DataConfig())
     plays = {s["play"] for s in samples}
-    assert len(plays) >= 35 and "Hamlet, Prince of Denmark" in plays or any("Hamlet" in p for p in plays)
+    assert (len(plays) >= 35 and "Hamlet, Prince of Denmark" in plays) or any(
+        "Hamlet" in p for p in plays
+    )
     assert len(samples) > 5000
     assert all(s["response"] for s in samples)
 
@@ -125,7 +127,10 @@ def test_natural_partition_needs_enough_ids() -> None:
 
 def test_iid_and_dirichlet_partitions_cover_the_data() -> None:
     samples = _synthetic(40, groups=4)
-    for cfg in (PartitionConfig(kind="iid"), PartitionConfig(kind="dirichlet", by="play", alpha=0.3)):
+    for cfg in (
+        PartitionConfig(kind="iid"),
+        PartitionConfig(kind="dirichlet", by="play", alpha=0.3),
+    ):
         parts = partition_indices(samples, cfg, 4, seed=1)
         assert sorted(np.concatenate(parts).tolist()) == list(range(160))
     iid = partition_indices(samples, PartitionConfig(kind="iid"), 4, seed=1)
@@ -134,19 +139,26 @@ def test_iid_and_dirichlet_partitions_cover_the_data() -> None:
 
 def test_partition_by_unknown_column_names_it() -> None:
     with pytest.raises(DataError, match="partition.by='speaker' is not a column"):
-        partition_indices(_synthetic(3, 3), PartitionConfig(kind="natural", by="speaker"), 2, seed=0)
+        partition_indices(
+            _synthetic(3, 3), PartitionConfig(kind="natural", by="speaker"), 2, seed=0
+        )
 
 
 def test_devices_never_see_the_server_held_out_set() -> None:
     cfg = replace(compose().data, max_samples=400)
     part = PartitionConfig(kind="iid")
     server = {s["response"] for s in load_samples(cfg)} - {
-        s["response"] for i in range(4) for s in device_data(cfg, part, i, 4).train + device_data(cfg, part, i, 4).test
+        s["response"]
+        for i in range(4)
+        for s in device_data(cfg, part, i, 4).train + device_data(cfg, part, i, 4).test
     }
     held = {s["response"] for s in server_data(replace(cfg, server_eval_samples=1000))}
     assert held and held <= server
     sizes = [len(device_data(cfg, part, i, 4).train) for i in range(4)]
-    assert sum(sizes) + len(held) + sum(len(device_data(cfg, part, i, 4).test) for i in range(4)) == 400
+    assert (
+        sum(sizes) + len(held) + sum(len(device_data(cfg, part, i, 4).test) for i in range(4))
+        == 400
+    )
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path) -> None:
@@ -187,9 +199,24 @@ def test_encode_masks_the_prompt(tokenizer) -> None:
 
 
 def test_collate_pads_right_with_ignored_labels(tokenizer) -> None:
-    data = encode([{"prompt": "", "response": "a b c d"}, {"prompt": "", "response": "a"}], tokenizer, 32)
+    data = encode(
+        [{"prompt": "", "response": "a b c d"}, {"prompt": "", "response": "a"}], tokenizer, 32
+    )
     batch = collate(data, pad_id=0)
     n0, n1 = len(data[0].input_ids), len(data[1].input_ids)
     assert batch["input_ids"].shape == (2, n0)
     assert batch["attention_mask"][1].tolist() == [1] * n1 + [0] * (n0 - n1)
     assert batch["labels"][1, n1:].tolist() == [-100] * (n0 - n1)
+
+
+def test_hf_source_reads_a_saved_dataset_directory(tmp_path) -> None:
+    import datasets
+
+    rows = {"question": ["a?", "b?", "c?"], "answer": ["1", "2", "3"], "topic": ["x", "y", "x"]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    cfg = compose(f"data=hf data.path={tmp_path / 'ds'}").data
+    samples = load_samples(cfg)
+    assert [s["response"] for s in samples] == ["1", "2", "3"]
+    assert samples[0]["prompt"] == "Question: a?\nAnswer: " and samples[1]["topic"] == "y"
+    with pytest.raises(DataError, match="cannot load dataset"):
+        load_samples(compose(f"data=hf data.path={tmp_path / 'absent'}").data)

@@ -28,7 +28,13 @@ def _check_run(outcome, rounds: int) -> list[dict]:
     assert summary["rounds"] == rounds
     assert summary["zero_shot_ppl"] == rows[0]["plugin_ppl"]
     assert summary["final_plugin_ppl"] == rows[-1]["plugin_ppl"]
-    for name in ("config.yaml", "ppl.png", "bytes.png", "adapter/adapter_config.json", "adapter/adapter_model.safetensors"):
+    for name in (
+        "config.yaml",
+        "ppl.png",
+        "bytes.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not (run_dir / "error.txt").exists()
@@ -36,7 +42,9 @@ def _check_run(outcome, rounds: int) -> list[dict]:
 
 
 def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
-    outcome = launch(devices=3, overrides="experiment=tiny", output_dir=tmp_path / "runs", stream=False)
+    outcome = launch(
+        devices=3, overrides="experiment=tiny", output_dir=tmp_path / "runs", stream=False
+    )
     rows = _check_run(outcome, rounds=2)
     assert all(r["num_clients"] == 3 for r in rows[1:])
     # SuperLink, SuperExec, the simulation and Ray all carried the launch's marker: none is left.
@@ -56,7 +64,9 @@ def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
     model = PeftModel.from_pretrained(base, str(outcome.run_dir / "adapter"))
     tok = load_tokenizer(tiny_cfg.model)
     held = encode(server_data(tiny_cfg.data), tok, tiny_cfg.data.max_length)
-    res = evaluate_ppl(model, held, tiny_cfg.train.eval_batch_size, tok.pad_token_id, resolve_device("cpu"))
+    res = evaluate_ppl(
+        model, held, tiny_cfg.train.eval_batch_size, tok.pad_token_id, resolve_device("cpu")
+    )
     assert res.ppl == pytest.approx(rows[-1]["plugin_ppl"], rel=1e-4)
 
     from fedpeat.generate import generate
@@ -72,9 +82,19 @@ def test_gsm8k_jsonl_run_by_overrides_only(tmp_path, gsm8k_path) -> None:
     assert "source: jsonl" in (outcome.run_dir / "config.yaml").read_text()
 
 
-def test_bad_override_fails_before_anything_starts(tmp_path) -> None:
+def test_bad_input_fails_before_anything_starts(tmp_path, gsm8k_path) -> None:
     from fedpeat.config import ConfigError
+    from fedpeat.data import DataError
 
+    runs = tmp_path / "runs"
     with pytest.raises(ConfigError, match="train.lr"):
-        launch(devices=2, overrides="experiment=tiny train.lr=abc", output_dir=tmp_path / "runs", stream=False)
-    assert not (tmp_path / "runs").exists()
+        launch(devices=2, overrides="experiment=tiny train.lr=abc", output_dir=runs, stream=False)
+    # GSM8K rows have no `play` column to partition by.
+    bad_partition = f"experiment=tiny data=jsonl data.path={gsm8k_path} partition=natural"
+    with pytest.raises(DataError, match="partition.by='play' is not a column"):
+        launch(devices=2, overrides=bad_partition, output_dir=runs, stream=False)
+    with pytest.raises(DataError, match="no such file"):
+        launch(
+            devices=2, overrides="experiment=tiny data=jsonl data.path=nope.jsonl", output_dir=runs
+        )
+    assert not runs.exists()

@@ -99,13 +99,19 @@ def test_unknown_target_module_is_named(tiny_cfg) -> None:
         attach_lora(base, AdapterConfig(target_modules=["c_attn"]))
 
 
-def test_local_training_lowers_the_loss_and_touches_only_the_adapter(tiny_cfg, lora, data, tokenizer) -> None:
+def test_local_training_lowers_the_loss_and_touches_only_the_adapter(
+    tiny_cfg, lora, data, tokenizer
+) -> None:
     base_before = {k: v.clone() for k, v in lora.named_parameters() if "lora_" not in k}
     before = evaluate_ppl(lora, data, 4, tokenizer.pad_token_id, CPU)
-    result = local_train(lora, data, replace(tiny_cfg.train, local_steps=8, lr=1e-2), 0, tokenizer.pad_token_id, CPU)
+    result = local_train(
+        lora, data, replace(tiny_cfg.train, local_steps=8, lr=1e-2), 0, tokenizer.pad_token_id, CPU
+    )
     after = evaluate_ppl(lora, data, 4, tokenizer.pad_token_id, CPU)
     assert after.loss < before.loss - 0.1
-    assert result.steps == 8 and result.examples == 32 and result.tokens > 0 and result.peak_mem_mb > 0
+    assert (
+        result.steps == 8 and result.examples == 32 and result.tokens > 0 and result.peak_mem_mb > 0
+    )
     for k, v in lora.named_parameters():
         if "lora_" not in k:
             assert torch.equal(v, base_before[k]), k
@@ -123,3 +129,25 @@ def test_perplexity_matches_a_hand_computation(lora, data, tokenizer) -> None:
     assert res.tokens == int(mask.sum())
     assert res.loss == pytest.approx(float(nll.mean()), rel=1e-5)
     assert res.ppl == pytest.approx(math.exp(float(nll.mean())), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_converts_once_to_an_equivalent_safetensors_cache() -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fedpeat.config import compose
+    from fedpeat.model import find_package_file, gguf_directory
+
+    cfg = compose().model
+    directory = gguf_directory(cfg)
+    assert (directory / "model.safetensors").is_file() and (directory / "tokenizer.json").is_file()
+    assert gguf_directory(cfg) == directory  # second call: the cache, no new conversion
+    model = load_model(cfg, cached=False)
+    assert (model.config.num_hidden_layers, model.config.hidden_size) == (30, 576)
+    gguf = find_package_file(cfg.package, cfg.gguf_file)
+    reference = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
+    )
+    ids = torch.tensor([[1, 510, 2318, 28, 905, 314]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
