@@ -8,6 +8,7 @@ reason that lands in metrics.jsonl. A round without any valid reply keeps the pr
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -33,6 +34,17 @@ from fedpeat.lora import AdapterStateError, check_adapter_state
 from fedpeat.protocol import ADAPTER_KEY, METRICS_KEY, PLAN_KEY
 from fedpeat.task import Plan
 from strategies.aggregation import weighted_average, weighted_mean
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The useful line of a device error: Ray wraps the ClientApp's exception in tracebacks."""
+    text = _ANSI.sub("", reason or "unknown error")
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    text = " ".join(text.split()).rstrip("'>")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -124,7 +136,7 @@ class FedLoRA(Strategy):
     def validate_reply(self, msg: Message) -> tuple[dict[str, np.ndarray], float, float] | str:
         """(state, weight, train_loss) of a usable reply, or the reason it is rejected."""
         if msg.has_error():
-            return f"device error: {msg.error.reason}"
+            return f"device error: {short_reason(msg.error.reason or '')}"
         content = msg.content
         if ADAPTER_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
             return f"reply lacks '{ADAPTER_KEY}' arrays or '{METRICS_KEY}' metrics"

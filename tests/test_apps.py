@@ -142,3 +142,14 @@ def test_configure_train_samples_and_counts_bytes(tiny_cfg, server, server_ident
     assert strategy.stats[1].bytes_down == 2 * arrays.count_bytes()
     plan = Plan.from_json(str(messages[0].content.config_records["plan"]["plan"]))
     assert plan.server_round == 1 and plan.model == cfg.model
+
+
+def test_short_reason_keeps_the_clientapp_message() -> None:
+    from strategies.fedlora import short_reason
+
+    header = "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:"
+    trace = "<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n  File x\n"
+    tail = "Exception ClientAppException occurred. Message: "
+    ray = header + trace + tail + "partition.by='play' is not a column of the data; have []'>"
+    assert short_reason(ray) == "partition.by='play' is not a column of the data; have []"
+    assert short_reason("x" * 400).endswith("...") and len(short_reason("x" * 400)) == 300

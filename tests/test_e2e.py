@@ -82,19 +82,28 @@ def test_gsm8k_jsonl_run_by_overrides_only(tmp_path, gsm8k_path) -> None:
     assert "source: jsonl" in (outcome.run_dir / "config.yaml").read_text()
 
 
-def test_bad_input_fails_before_anything_starts(tmp_path, gsm8k_path) -> None:
+def test_bad_input_fails_before_anything_starts(tmp_path) -> None:
     from fedpeat.config import ConfigError
     from fedpeat.data import DataError
 
     runs = tmp_path / "runs"
     with pytest.raises(ConfigError, match="train.lr"):
         launch(devices=2, overrides="experiment=tiny train.lr=abc", output_dir=runs, stream=False)
-    # GSM8K rows have no `play` column to partition by.
-    bad_partition = f"experiment=tiny data=jsonl data.path={gsm8k_path} partition=natural"
-    with pytest.raises(DataError, match="partition.by='play' is not a column"):
-        launch(devices=2, overrides=bad_partition, output_dir=runs, stream=False)
     with pytest.raises(DataError, match="no such file"):
         launch(
             devices=2, overrides="experiment=tiny data=jsonl data.path=nope.jsonl", output_dir=runs
         )
+    with pytest.raises(DataError, match="fewer than the 50 devices"):
+        launch(devices=50, overrides="experiment=tiny", output_dir=runs, stream=False)
     assert not runs.exists()
+
+
+def test_partitioning_by_a_missing_column_fails_before_anything_starts(
+    tmp_path, gsm8k_path
+) -> None:
+    from fedpeat.data import DataError
+
+    # GSM8K rows have no `play` column to partition by.
+    bad_partition = f"experiment=tiny data=jsonl data.path={gsm8k_path} partition=natural"
+    with pytest.raises(DataError, match="partition.by='play' is not a column"):
+        launch(devices=2, overrides=bad_partition, output_dir=tmp_path / "runs", stream=False)
