@@ -25,9 +25,13 @@ $(BIN)/.deps: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "python3.11 not found"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade "pip>=24"
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test]"
+	$(BIN)/python -m pip install -q -c requirements.lock -e .
 	$(BIN)/python -m pip install -q --no-deps $$($(BIN)/python -c \
 	  "import tomllib;print(' '.join(tomllib.load(open('pyproject.toml','rb'))['tool']['fedpeat']['embedded']))")
+	@touch $@
+
+$(BIN)/.test-deps: $(BIN)/.deps
+	$(BIN)/python -m pip install -q -c requirements.lock -e ".[test]"
 	@touch $@
 
 deps: $(BIN)/.deps
@@ -35,10 +39,10 @@ deps: $(BIN)/.deps
 run: $(BIN)/.deps
 	$(BIN)/python -m fedpeat.launch --devices $(DEVICES) --overrides "$(OVERRIDES)" $(ARGS)
 
-test: $(BIN)/.deps
+test: $(BIN)/.test-deps
 	$(BIN)/python -m pytest $(ARGS)
 
-lint: $(BIN)/.deps
+lint: $(BIN)/.test-deps
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
 
 bench: $(BIN)/.deps

@@ -1,6 +1,10 @@
 """Run every benchmark: `python -m bench` (make bench). Results go to bench/results/."""
 
-from bench import model_load
+import sys
+
+from bench import emulator_step, model_load
 
 if __name__ == "__main__":
     model_load.main()
+    sys.argv = sys.argv[:1]
+    emulator_step.main()

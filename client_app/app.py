@@ -1,17 +1,20 @@
-"""fedpeat ClientApp: train or evaluate the global LoRA adapter on this device's data.
+"""fedpeat ClientApp: report a profile, train or evaluate the global adapter on this device.
 
-The server sends the global adapter and a plan (resolved config); the device's partition comes
-from its node config (`partition-id`, `num-partitions`). Only adapter tensors travel.
+The server sends the global adapter, a plan (resolved config, which emulator to use) and the
+emulator's weights only when this device does not hold them; they are cached on disk by digest
+(deployment starts a fresh process every round). The device's partition comes from its node
+config (`partition-id`, `num-partitions`). Only adapter tensors travel back.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedpeat.protocol import ADAPTER_KEY, METRICS_KEY, PLAN_KEY
-from fedpeat.task import Plan, device_evaluate, device_train
+from fedpeat.emulator import Package
+from fedpeat.protocol import ADAPTER_KEY, EMULATOR_KEY, METRICS_KEY, PLAN_KEY, PROFILE_KEY
+from fedpeat.task import Plan, device_evaluate, device_profile, device_train, receive_emulator
 
 app = ClientApp()
 
@@ -26,6 +29,11 @@ def _partition(context: Context) -> tuple[int, int]:
     return int(cfg["partition-id"]), int(cfg["num-partitions"])
 
 
+def _node_key(context: Context) -> str:
+    """Names this device's emulator cache; simulated devices share a disk, so it must differ."""
+    return f"device-{_partition(context)[0]}"
+
+
 def _inputs(msg: Message, context: Context) -> tuple[Plan, int, int, dict[str, np.ndarray]]:
     plan = Plan.from_json(str(msg.content.config_records[PLAN_KEY]["plan"]))
     partition_id, num_partitions = _partition(context)
@@ -33,10 +41,41 @@ def _inputs(msg: Message, context: Context) -> tuple[Plan, int, int, dict[str, n
     return plan, partition_id, num_partitions, state
 
 
+def _store_emulator(msg: Message, plan: Plan, context: Context) -> None:
+    if EMULATOR_KEY not in msg.content.array_records:
+        return
+    ref = plan.emulator
+    tensors = {k: v.numpy() for k, v in msg.content.array_records[EMULATOR_KEY].items()}
+    pkg = Package(
+        ref.config_json,
+        ref.layers,
+        ref.keep_ratio,
+        ref.bottom,
+        ref.top,
+        ref.n_full_layers,
+        tensors,
+        ref.digest,
+    )
+    receive_emulator(pkg, _node_key(context))
+
+
+@app.query()
+def profile(msg: Message, context: Context) -> Message:
+    partition_id, num_partitions = _partition(context)
+    memory = context.node_config.get("memory-mb")
+    prof = device_profile(
+        _node_key(context), partition_id, num_partitions, float(memory) if memory else None
+    )
+    return Message(RecordDict({PROFILE_KEY: ConfigRecord(prof)}), reply_to=msg)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     plan, partition_id, num_partitions, state = _inputs(msg, context)
-    new_state, result, num_examples = device_train(plan, partition_id, num_partitions, state)
+    _store_emulator(msg, plan, context)
+    new_state, result, num_examples = device_train(
+        plan, partition_id, num_partitions, state, _node_key(context)
+    )
     metrics = MetricRecord(
         {
             "num-examples": num_examples,
@@ -47,14 +86,15 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     arrays = ArrayRecord(array_dict={k: Array(v) for k, v in new_state.items()})
-    content = RecordDict({ADAPTER_KEY: arrays, METRICS_KEY: metrics})
-    return Message(content, reply_to=msg)
+    return Message(RecordDict({ADAPTER_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     plan, partition_id, num_partitions, state = _inputs(msg, context)
-    result, num_examples = device_evaluate(plan, partition_id, num_partitions, state)
+    result, num_examples = device_evaluate(
+        plan, partition_id, num_partitions, state, _node_key(context)
+    )
     metrics = MetricRecord(
         {
             "num-examples": num_examples,

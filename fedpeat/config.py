@@ -11,7 +11,7 @@ import json
 import shlex
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -19,6 +19,8 @@ MODEL_SOURCES = ("gguf", "tiny", "hf")
 DATA_SOURCES = ("shakespeare", "jsonl", "hf")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 AGGREGATIONS = ("fedavg",)
+EMULATOR_CASES = (1, 2, 3)
+WIRE_DTYPES = ("float16", "float32")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -32,7 +34,7 @@ class TinyModelConfig:
     """A small Llama with random weights; it borrows the default model's tokenizer."""
 
     hidden_size: int = 64
-    num_layers: int = 4
+    num_layers: int = 8
     num_heads: int = 4
     intermediate_size: int = 128
     max_position_embeddings: int = 512
@@ -87,6 +89,8 @@ class DataConfig:
     """Keep at most this many samples of the corpus (0: all), chosen with the data seed."""
     server_fraction: float = 0.05
     """Share of the corpus the server keeps as its own held-out set; devices never see it."""
+    server_train_fraction: float = 0.05
+    """Share of the corpus the server trains on (collaborative tuning, distillation)."""
     server_eval_samples: int = 48
     """Samples of the server's held-out set used for each plug-in evaluation."""
     device_test_fraction: float = 0.1
@@ -138,10 +142,58 @@ class TrainConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distil the emulator's middle block to the full model's hidden states (Offsite-Tuning)."""
+
+    enabled: bool = False
+    steps: int = 200
+    lr: float = 1e-4
+    batch_size: int = 4
+    samples: int = 256
+    """Server training samples used as distillation data."""
+
+
+@dataclass
+class EmulatorConfig:
+    """Which compressed model each device trains on (FedPEAT cases)."""
+
+    case: int = 1
+    """1: each device gets a level chosen for it; 2: one shared emulator; 3: no emulator (the
+    devices train on the full model: plain federated LoRA)."""
+    levels: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    """Keep ratios of the middle layers that emulators may have (case 1)."""
+    shared_level: float = 0.5
+    """Keep ratio of the one emulator in case 2."""
+    bottom: int = 2
+    """Bottom layers kept whole: the lower half of the adapter region."""
+    top: int = 2
+    """Top layers kept whole: the upper half of the adapter region."""
+    wire_dtype: str = "float16"
+    """Dtype emulator weights travel and are cached in (bf16 cannot become numpy)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+
+
+@dataclass
+class DeviceProfile:
+    """A simulated device (deployment nodes report their own)."""
+
+    name: str = "device"
+    memory_mb: float = 1024.0
+    """Memory the device may use for training."""
+
+
+@dataclass
+class DevicesConfig:
+    """Profiles of simulated devices; device i gets profiles[i % len(profiles)]."""
+
+    profiles: list[DeviceProfile] = field(default_factory=lambda: [DeviceProfile()])
+
+
+@dataclass
 class StrategyConfig:
     """Round structure and aggregation on the server."""
 
-    name: str = "fedlora"
+    name: str = "fedpeat"
     aggregation: str = "fedavg"
     """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline)."""
     fraction_train: float = 1.0
@@ -152,6 +204,9 @@ class StrategyConfig:
     """Wait until this many devices are connected before the first round."""
     round_timeout_s: float = 1800.0
     """How long the server waits for replies in one round."""
+    server_train: bool = True
+    """The server trains the adapter on the full model with its own data each round, and its
+    update is aggregated with the devices' (FedPEAT's server-device collaboration)."""
 
 
 @dataclass
@@ -167,6 +222,8 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -237,6 +294,31 @@ def validate(cfg: Config) -> Config:
     _range("strategy.fraction_evaluate", s.fraction_evaluate, 0.0, 1.0)
     _range("strategy.min_nodes", s.min_nodes, 1)
     _range("strategy.round_timeout_s", s.round_timeout_s, 0.0, lo_open=True)
+
+    e = cfg.emulator
+    if e.case not in EMULATOR_CASES:
+        raise ConfigError(f"emulator.case={e.case!r} is not allowed; expected one of [1, 2, 3]")
+    _choice("emulator.wire_dtype", e.wire_dtype, WIRE_DTYPES)
+    if not e.levels:
+        raise ConfigError("emulator.levels is empty; give at least one keep ratio, e.g. [0.5]")
+    for i, level in enumerate(e.levels):
+        _range(f"emulator.levels[{i}]", level, 0.0, 1.0, lo_open=True)
+    _range("emulator.shared_level", e.shared_level, 0.0, 1.0, lo_open=True)
+    _range("emulator.bottom", e.bottom, 0)
+    _range("emulator.top", e.top, 0)
+    if e.case != 3 and e.bottom + e.top == 0:
+        raise ConfigError("emulator.bottom + emulator.top is 0: the adapter region would be empty")
+    _range("emulator.distill.steps", e.distill.steps, 1)
+    _range("emulator.distill.lr", e.distill.lr, 0.0, lo_open=True)
+    _range("emulator.distill.batch_size", e.distill.batch_size, 1)
+    _range("emulator.distill.samples", e.distill.samples, 1)
+    _range("data.server_train_fraction", d.server_train_fraction, 0.0, 0.5)
+    if d.server_fraction + d.server_train_fraction >= 0.9:
+        raise ConfigError("data.server_fraction + data.server_train_fraction must stay below 0.9")
+    if not cfg.devices.profiles:
+        raise ConfigError("devices.profiles is empty; give at least one device profile")
+    for i, prof in enumerate(cfg.devices.profiles):
+        _range(f"devices.profiles[{i}].memory_mb", prof.memory_mb, 0.0, lo_open=True)
 
     _range("rounds", cfg.rounds, 1)
     return cfg
@@ -327,10 +409,17 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     unknown = set(data) - set(known)
     if unknown:
         raise ConfigError(f"{cls.__name__}: unknown keys {sorted(unknown)}")
+    hints = get_type_hints(cls)
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        default = getattr(cls(), name)
-        kwargs[name] = from_dict(type(default), value) if is_dataclass(default) else value
+        hint = hints[name]
+        if is_dataclass(hint) and isinstance(value, dict):
+            kwargs[name] = from_dict(hint, value)  # type: ignore[arg-type]
+        elif get_origin(hint) is list and get_args(hint) and is_dataclass(get_args(hint)[0]):
+            item = get_args(hint)[0]
+            kwargs[name] = [from_dict(item, v) if isinstance(v, dict) else v for v in value]
+        else:
+            kwargs[name] = value
     return cls(**kwargs)
 
 

@@ -204,13 +204,28 @@ def load_samples(cfg: DataConfig) -> list[Sample]:
 # --------------------------------------------------------------------------- splits
 
 
-def server_split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Indices (server held-out, device pool): a seeded random `fraction` for the server."""
-    if n < 2:
-        raise DataError(f"the corpus has {n} sample(s); at least 2 are needed")
+def server_split(
+    n: int, eval_fraction: float, seed: int, train_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices (server held-out, server train, device pool) from one seeded permutation.
+
+    The server's held-out set is never trained on by anyone; its train set is the data the
+    server itself holds for collaborative tuning and distillation.
+    """
+    if n < 3:
+        raise DataError(f"the corpus has {n} sample(s); at least 3 are needed")
     order = np.random.default_rng(seed).permutation(n)
-    n_server = min(n - 1, max(1, round(n * fraction)))
-    return np.sort(order[:n_server]), np.sort(order[n_server:])
+    n_eval = min(n - 2, max(1, round(n * eval_fraction)))
+    n_train = min(n - 1 - n_eval, round(n * train_fraction))
+    return (
+        np.sort(order[:n_eval]),
+        np.sort(order[n_eval : n_eval + n_train]),
+        np.sort(order[n_eval + n_train :]),
+    )
+
+
+def _server_split(cfg: DataConfig, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return server_split(n, cfg.server_fraction, cfg.seed, cfg.server_train_fraction)
 
 
 def partition_indices(
@@ -290,7 +305,7 @@ def partition_sizes(cfg: DataConfig, part: PartitionConfig, num_partitions: int)
     clearly, instead of on every device.
     """
     samples = load_samples(cfg)
-    _, pool = server_split(len(samples), cfg.server_fraction, cfg.seed)
+    _, _, pool = _server_split(cfg, len(samples))
     parts = partition_indices([samples[i] for i in pool], part, num_partitions, cfg.seed)
     sizes = [len(p) for p in parts]
     small = [i for i, n in enumerate(sizes) if n < 2]
@@ -315,7 +330,7 @@ def device_data(
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} outside [0, {num_partitions})")
     samples = load_samples(cfg)
-    _, pool = server_split(len(samples), cfg.server_fraction, cfg.seed)
+    _, _, pool = _server_split(cfg, len(samples))
     pool_samples = [samples[i] for i in pool]
     parts = partition_indices(pool_samples, part, num_partitions, cfg.seed)
     mine = parts[partition_id]
@@ -326,7 +341,7 @@ def device_data(
 def server_data(cfg: DataConfig) -> list[Sample]:
     """The server's held-out set, capped at `server_eval_samples` (a seeded subset)."""
     samples = load_samples(cfg)
-    held, _ = server_split(len(samples), cfg.server_fraction, cfg.seed)
+    held, _, _ = _server_split(cfg, len(samples))
     held_samples = [samples[i] for i in held]
     if len(held_samples) > cfg.server_eval_samples:
         keep = np.random.default_rng(cfg.seed + 1).choice(
@@ -334,6 +349,13 @@ def server_data(cfg: DataConfig) -> list[Sample]:
         )
         held_samples = [held_samples[i] for i in sorted(keep)]
     return held_samples
+
+
+def server_train_data(cfg: DataConfig) -> list[Sample]:
+    """The server's own training data (collaborative tuning and distillation)."""
+    samples = load_samples(cfg)
+    _, train, _ = _server_split(cfg, len(samples))
+    return [samples[i] for i in train]
 
 
 # --------------------------------------------------------------------------- tokens

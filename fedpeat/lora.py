@@ -7,7 +7,7 @@ stripped), so it travels as a Flower ArrayRecord and saves as a standard PEFT ad
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -27,18 +27,22 @@ class AdapterStateError(ValueError):
     """An adapter state does not fit the model (keys, shapes or values)."""
 
 
-def lora_config(cfg: AdapterConfig) -> LoraConfig:
+def lora_config(cfg: AdapterConfig, layers: Sequence[int] | None = None) -> LoraConfig:
+    """PEFT config; `layers` restricts the adapters to those decoder layers (None: all)."""
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=list(cfg.target_modules),
+        layers_to_transform=list(layers) if layers is not None else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def attach_lora(base: torch.nn.Module, cfg: AdapterConfig, seed: int = 0) -> PeftModel:
+def attach_lora(
+    base: torch.nn.Module, cfg: AdapterConfig, seed: int = 0, layers: Sequence[int] | None = None
+) -> PeftModel:
     """Wrap `base` with fresh LoRA layers (A random with `seed`, B zero: a no-op at start)."""
     names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
     missing = [m for m in cfg.target_modules if m not in names]
@@ -50,25 +54,30 @@ def attach_lora(base: torch.nn.Module, cfg: AdapterConfig, seed: int = 0) -> Pef
     state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:
-        peft_model = get_peft_model(base, lora_config(cfg))
+        peft_model = get_peft_model(base, lora_config(cfg, layers))
     finally:
         torch.random.set_rng_state(state)
     return peft_model
 
 
 def lora_model(
-    model_cfg: ModelConfig, adapter_cfg: AdapterConfig, device: torch.device | str = "cpu"
+    model_cfg: ModelConfig,
+    adapter_cfg: AdapterConfig,
+    device: torch.device | str = "cpu",
+    layers: Sequence[int] | None = None,
 ) -> PeftModel:
-    """A LoRA-wrapped copy of the base model, cached per process (clients reuse it per round).
+    """A LoRA-wrapped copy of the full base model, cached per process (clients reuse it).
 
     Its adapter weights are always overwritten with `set_adapter_state` before use.
     """
-    key = json.dumps([to_dict(model_cfg), to_dict(adapter_cfg), str(device)], sort_keys=True)
+    key = json.dumps(
+        [to_dict(model_cfg), to_dict(adapter_cfg), str(device), layers], sort_keys=True
+    )
     if key not in _LORA_MODELS:
         # An uncached base: get_peft_model injects layers in place, and the plain cached base
-        # must stay plain for zero-shot use.
+        # must stay plain (emulators are cut from it).
         base = load_model(model_cfg, device, cached=False)
-        _LORA_MODELS[key] = attach_lora(base, adapter_cfg)
+        _LORA_MODELS[key] = attach_lora(base, adapter_cfg, layers=layers)
     return _LORA_MODELS[key]
 
 

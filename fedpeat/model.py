@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from fedpeat.config import ModelConfig, to_dict
+from fedpeat.cost import ModelShape
 
 log = logging.getLogger(__name__)
 
@@ -227,6 +228,23 @@ def load_model(
     if cached:
         _MODELS[key] = model
     return model
+
+
+def shape_of(model: Any) -> ModelShape:
+    """Sizes the cost model needs; tied embeddings are counted once."""
+    seen, params = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            params += p.numel()
+    c = model.config
+    return ModelShape(
+        params=params,
+        layers=int(c.num_hidden_layers),
+        hidden=int(c.hidden_size),
+        heads=int(c.num_attention_heads),
+        vocab=int(c.vocab_size),
+    )
 
 
 def describe(model: Any) -> dict[str, Any]:

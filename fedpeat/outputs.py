@@ -85,9 +85,9 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]
         float(r["plugin_ppl"]) if r.get("plugin_ppl") is not None else float("nan") for r in rows
     ]
     ax.plot(rounds, ppl, "o-", label="plug-in (server held-out)")
-    dev = [(r["round"], r["device_ppl"]) for r in rows if r.get("device_ppl") is not None]
+    dev = [(r["round"], r["emulator_ppl"]) for r in rows if r.get("emulator_ppl") is not None]
     if dev:
-        ax.plot(*zip(*dev, strict=True), "s--", label="devices (own held-out)")
+        ax.plot(*zip(*dev, strict=True), "s--", label="emulator (devices' held-out)")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("perplexity")

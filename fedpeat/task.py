@@ -1,16 +1,25 @@
-"""What one device does in a round, and what the server evaluates: the ML side of the app.
+"""What one device does in a round, and what the server does: the ML side of the app.
 
-The server sends each device a `Plan` (the resolved config sections it needs); the device never
-composes config itself. Everything here is plain Python + torch, callable without Flower.
+The server sends each device a `Plan` (the resolved config sections it needs, and which emulator
+to train on); the device never composes config itself. Everything here is plain Python + torch,
+callable without Flower.
+
+Adapter keys always travel in *full-model* layer indices; a device training on an emulator maps
+them to its own indices and back (`fedpeat.emulator.to_emulator_keys` / `to_full_keys`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from peft import PeftModel
 
 from fedpeat.config import (
     AdapterConfig,
@@ -22,10 +31,52 @@ from fedpeat.config import (
     from_dict,
     to_dict,
 )
-from fedpeat.data import Encoded, device_data, encode, server_data
-from fedpeat.lora import AdapterState, get_adapter_state, lora_model, set_adapter_state
-from fedpeat.model import load_tokenizer, resolve_device
+from fedpeat.cost import MiB, ModelShape, training_memory_bytes
+from fedpeat.data import Encoded, device_data, encode, server_data, server_train_data
+from fedpeat.emulator import (
+    Emulator,
+    Package,
+    adapter_region,
+    build_emulator,
+    layer_prefix,
+    load_package,
+    package,
+    prune_cache,
+    round_trip,
+    save_package,
+    select_layers,
+    to_emulator_keys,
+    to_full_keys,
+    unpackage,
+)
+from fedpeat.lora import AdapterState, attach_lora, get_adapter_state, lora_model, set_adapter_state
+from fedpeat.model import cache_dir, load_model, load_tokenizer, resolve_device, shape_of
 from fedpeat.train import EvalResult, TrainResult, evaluate_ppl, local_train
+
+
+@dataclass
+class EmulatorRef:
+    """Which emulator a device trains on; an empty digest means the full model (case 3)."""
+
+    digest: str = ""
+    keep_ratio: float = 1.0
+    layers: list[int] = field(default_factory=list)
+    bottom: int = 0
+    top: int = 0
+    n_full_layers: int = 0
+    config_json: str = ""
+
+    @classmethod
+    def of(cls, pkg: Package) -> EmulatorRef:
+        return cls(
+            pkg.digest,
+            pkg.keep_ratio,
+            pkg.layers,
+            pkg.bottom,
+            pkg.top,
+            pkg.n_full_layers,
+            pkg.config_json,
+        )
 
 
 @dataclass
@@ -37,13 +88,26 @@ class Plan:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    emulator: EmulatorRef = field(default_factory=EmulatorRef)
+    adapter_layers: list[int] | None = None
+    """Full-model layers that carry LoRA; None: every layer (case 3)."""
     seed: int = 42
     server_round: int = 0
 
     @classmethod
-    def from_config(cls, cfg: Config, server_round: int) -> Plan:
+    def from_config(
+        cls, cfg: Config, server_round: int, emulator: EmulatorRef | None = None
+    ) -> Plan:
         return cls(
-            cfg.model, cfg.data, cfg.partition, cfg.adapter, cfg.train, cfg.seed, server_round
+            cfg.model,
+            cfg.data,
+            cfg.partition,
+            cfg.adapter,
+            cfg.train,
+            emulator or EmulatorRef(),
+            None,
+            cfg.seed,
+            server_round,
         )
 
     def to_json(self) -> str:
@@ -54,7 +118,12 @@ class Plan:
         return from_dict(cls, json.loads(text))
 
 
+# --------------------------------------------------------------------------- device side
+
 _ENCODED: dict[str, tuple[list[Encoded], list[Encoded]]] = {}
+# Emulator models with LoRA attached, by digest; a few per process (Ray reuses workers).
+_EMULATORS: OrderedDict[str, PeftModel] = OrderedDict()
+_EMULATOR_SLOTS = 4  # simulated devices share worker processes; levels differ per device
 
 
 def device_encoded(
@@ -82,66 +151,202 @@ def device_encoded(
     return _ENCODED[key]
 
 
+def device_cache(node_key: str) -> Path:
+    """This device's emulator cache directory (one per device, also when simulated together).
+
+    $FEDPEAT_DEVICE_CACHE_DIR moves all device caches (tests, or a device's own disk).
+    """
+    root = os.environ.get("FEDPEAT_DEVICE_CACHE_DIR")
+    return (Path(root) if root else cache_dir() / "emulators") / node_key
+
+
+def held_emulators(node_key: str) -> list[str]:
+    """Digests of the emulators this device has on disk (checked again when loaded)."""
+    return sorted(p.stem for p in device_cache(node_key).glob("*.safetensors"))
+
+
+def receive_emulator(pkg: Package, node_key: str) -> None:
+    """Verify and store an emulator the server sent; it replaces whatever the device held."""
+    unpackage(pkg, verify=True)  # raises on a hash mismatch before anything is written
+    directory = device_cache(node_key)
+    save_package(pkg, directory)
+    prune_cache(directory, [pkg.digest])
+
+
+def _emulator_model(
+    plan: Plan, node_key: str, device: torch.device
+) -> tuple[PeftModel, list[int] | None]:
+    """The model this round trains: the full model (case 3) or the planned emulator, with LoRA.
+
+    Returns the model and the emulator's layer map (None for the full model).
+    """
+    ref = plan.emulator
+    if not ref.digest:
+        return lora_model(plan.model, plan.adapter, device, plan.adapter_layers), None
+    key = f"{ref.digest}:{json.dumps(to_dict(plan.adapter), sort_keys=True)}:{device}"
+    if key not in _EMULATORS:
+        pkg = load_package(device_cache(node_key), ref.digest)  # verifies; drops a corrupt file
+        emulator = unpackage(pkg, dtype=getattr(torch, plan.model.dtype), verify=False)
+        emulator.model.to(device)  # type: ignore[arg-type]
+        _EMULATORS[key] = attach_lora(emulator.model, plan.adapter, layers=emulator.adapter_layers)
+        while len(_EMULATORS) > _EMULATOR_SLOTS:
+            _EMULATORS.popitem(last=False)
+    _EMULATORS.move_to_end(key)
+    return _EMULATORS[key], ref.layers
+
+
 def device_train(
-    plan: Plan, partition_id: int, num_partitions: int, state: AdapterState
+    plan: Plan, partition_id: int, num_partitions: int, state: AdapterState, node_key: str
 ) -> tuple[AdapterState, TrainResult, int]:
     """Train the global adapter `state` locally; return (new state, figures, train set size)."""
     device = resolve_device(plan.train.device)
     train_data, _ = device_encoded(plan, partition_id, num_partitions)
-    model = lora_model(plan.model, plan.adapter, device)
-    set_adapter_state(model, state)
+    model, layers = _emulator_model(plan, node_key, device)
+    set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
     pad_id = int(load_tokenizer(plan.model).pad_token_id)
     # Per-device, per-round seed: devices draw different batches, reruns draw the same ones.
     seed = plan.seed + 1000 * plan.server_round + partition_id
     result = local_train(model, train_data, plan.train, seed, pad_id, device)
-    return get_adapter_state(model), result, len(train_data)
+    new_state = get_adapter_state(model)
+    return (to_full_keys(new_state, layers) if layers else new_state), result, len(train_data)
 
 
 def device_evaluate(
-    plan: Plan, partition_id: int, num_partitions: int, state: AdapterState
+    plan: Plan, partition_id: int, num_partitions: int, state: AdapterState, node_key: str
 ) -> tuple[EvalResult, int]:
-    """Perplexity of base + `state` on the device's held-out split."""
+    """Perplexity of (emulator or full model) + `state` on the device's held-out split."""
     device = resolve_device(plan.train.device)
     _, test_data = device_encoded(plan, partition_id, num_partitions)
-    model = lora_model(plan.model, plan.adapter, device)
-    set_adapter_state(model, state)
+    model, layers = _emulator_model(plan, node_key, device)
+    set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
     pad_id = int(load_tokenizer(plan.model).pad_token_id)
     return evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device), len(
         test_data
     )
 
 
+def device_profile(
+    node_key: str, partition_id: int, num_partitions: int, memory_mb: float | None
+) -> dict[str, Any]:
+    """What a device tells the server about itself before the first round."""
+    return {
+        "partition-id": partition_id,
+        "num-partitions": num_partitions,
+        "memory-mb": -1.0 if memory_mb is None else float(memory_mb),
+        "compute": "cuda" if torch.cuda.is_available() else "cpu",
+        # A comma-joined string, not a list: Flower cannot size an empty list in a ConfigRecord.
+        "holds": ",".join(held_emulators(node_key)),
+    }
+
+
+# --------------------------------------------------------------------------- server side
+
+
 class ServerModel:
-    """The full model with the global adapter, and the server's own held-out data."""
+    """The full model with the global adapter, the server's data, and the emulator factory."""
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
         self.device = resolve_device(cfg.train.device)
         self.tokenizer = load_tokenizer(cfg.model)
+        self.pad_id = int(self.tokenizer.pad_token_id)
         self.held_out = encode(server_data(cfg.data), self.tokenizer, cfg.data.max_length)
         if not self.held_out:
             raise ValueError("the server's held-out set is empty after tokenization")
-        self.model = lora_model(cfg.model, cfg.adapter, self.device)
+        self.train_data = encode(server_train_data(cfg.data), self.tokenizer, cfg.data.max_length)
+        self.base = load_model(cfg.model, self.device)
+        n_layers = int(self.base.config.num_hidden_layers)
+        e = cfg.emulator
+        # Cases 1 and 2 put adapters on the adapter region only, so they exist in every emulator.
+        self.adapter_layers = None if e.case == 3 else adapter_region(n_layers, e.bottom, e.top)
+        self.model = lora_model(cfg.model, cfg.adapter, self.device, self.adapter_layers)
         # Fresh LoRA: A random (seeded), B zero, so the plug-in starts equal to the base model.
-        self.initial_state = get_adapter_state(self.model)
-        self._seed_initial_state(cfg.seed)
+        self.initial_state = initial_adapter_state(get_adapter_state(self.model), cfg.seed)
+        self.adapter_params = int(sum(v.size for v in self.initial_state.values()))
+        prefix = dict(self.base.named_modules())[layer_prefix(self.base, n_layers)]
+        self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in prefix]
+        self._packages: dict[float, Package] = {}
+        self.emulators: dict[float, Emulator] = {}
 
-    def _seed_initial_state(self, seed: int) -> None:
-        rng = np.random.default_rng(seed)
-        for key, value in self.initial_state.items():
-            if "lora_A" in key:
-                # Kaiming-uniform bound as PEFT uses for A, drawn from our seed so runs repeat.
-                bound = 1.0 / np.sqrt(value.shape[1])
-                self.initial_state[key] = rng.uniform(-bound, bound, value.shape).astype(np.float32)
-            else:
-                self.initial_state[key] = np.zeros_like(value)
+    # -- evaluation and training on the full model
 
     def evaluate(self, state: AdapterState) -> EvalResult:
         set_adapter_state(self.model, state)
-        pad_id = int(self.tokenizer.pad_token_id)
         return evaluate_ppl(
-            self.model, self.held_out, self.cfg.train.eval_batch_size, pad_id, self.device
+            self.model, self.held_out, self.cfg.train.eval_batch_size, self.pad_id, self.device
         )
+
+    def train(
+        self, state: AdapterState, server_round: int
+    ) -> tuple[AdapterState, TrainResult, int]:
+        """The server's own local update on the full model (collaborative tuning)."""
+        if not self.train_data:
+            raise ValueError("the server has no training data (data.server_train_fraction=0)")
+        set_adapter_state(self.model, state)
+        seed = self.cfg.seed + 1000 * server_round + 999_983  # distinct from every device's seed
+        result = local_train(
+            self.model, self.train_data, self.cfg.train, seed, self.pad_id, self.device
+        )
+        return get_adapter_state(self.model), result, len(self.train_data)
+
+    # -- emulators
+
+    def emulator(self, level: float) -> Emulator:
+        """The emulator at keep ratio `level`, built (and distilled if configured) once."""
+        if level not in self.emulators:
+            e = self.cfg.emulator
+            wire = getattr(torch, e.wire_dtype)
+            emulator = build_emulator(self.base, level, e.bottom, e.top, wire)
+            if e.distill.enabled and len(emulator.layers) < emulator.n_full_layers:
+                from fedpeat.distill import distill
+
+                distill(emulator, self.base, self.train_data, e.distill, self.pad_id, self.device)
+                emulator.distilled = True
+                round_trip(emulator.model, wire)
+            self.emulators[level] = emulator
+        return self.emulators[level]
+
+    def package(self, level: float) -> Package:
+        if level not in self._packages:
+            self._packages[level] = package(
+                self.emulator(level), getattr(torch, self.cfg.emulator.wire_dtype)
+            )
+        return self._packages[level]
+
+    def emulator_shape(self, level: float | None) -> ModelShape:
+        """Shape of the emulator at `level` (None: the full model) without building it."""
+        full = shape_of(self.base)
+        if level is None:
+            return full
+        e = self.cfg.emulator
+        kept = set(select_layers(full.layers, e.bottom, e.top, level))
+        dropped = sum(n for i, n in enumerate(self._layer_params) if i not in kept)
+        return replace(full, params=full.params - dropped, layers=len(kept))
+
+    def memory_need_mb(self, level: float | None) -> float:
+        """Estimated training memory of one step on the emulator at `level` (None: full model)."""
+        shape = self.emulator_shape(level)
+        bits = torch.finfo(getattr(torch, self.cfg.model.dtype)).bits
+        t = self.cfg.train
+        need = training_memory_bytes(
+            shape, self.adapter_params, t.batch_size, self.cfg.data.max_length, bits
+        )
+        return need / MiB
+
+    def emulator_ppl(self, level: float, state: AdapterState | None = None) -> EvalResult:
+        """Perplexity of the emulator (+ adapter `state`) on the server's held-out data."""
+        emulator = self.emulator(level)
+        model: torch.nn.Module = emulator.model
+        if state is not None:
+            model = attach_lora(emulator.model, self.cfg.adapter, layers=emulator.adapter_layers)
+            set_adapter_state(model, to_emulator_keys(state, emulator.layers))
+        try:
+            return evaluate_ppl(
+                model, self.held_out, self.cfg.train.eval_batch_size, self.pad_id, self.device
+            )
+        finally:
+            if isinstance(model, PeftModel):
+                model.unload()
 
     def save_adapter(self, state: AdapterState, directory: str, base_location: str) -> None:
         """Write a standard PEFT adapter directory for `state`."""
@@ -150,5 +355,14 @@ class ServerModel:
         self.model.save_pretrained(directory)
 
 
-def metrics_of(result: TrainResult | EvalResult) -> dict[str, Any]:
-    return {k: v for k, v in vars(result).items()}
+def initial_adapter_state(template: AdapterState, seed: int) -> AdapterState:
+    """A from `seed` with PEFT's Kaiming-uniform bound 1/sqrt(fan_in), B zero."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, value in template.items():
+        if "lora_A" in key:
+            bound = 1.0 / np.sqrt(value.shape[1])
+            out[key] = rng.uniform(-bound, bound, value.shape).astype(np.float32)
+        else:
+            out[key] = np.zeros_like(value)
+    return out

@@ -7,6 +7,7 @@ import resource
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,9 +39,19 @@ class EvalResult:
 
 
 def peak_memory_mb(device: torch.device) -> float:
-    """Peak memory: CUDA allocator peak, or the process's max resident set on CPU."""
+    """Peak memory: the CUDA allocator's peak, or on CPU this process's peak resident set.
+
+    On CPU it is a process-wide high-water mark (VmHWM; ru_maxrss would include what a parent
+    process had when it forked us), so it covers everything the process ever held.
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

@@ -14,12 +14,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedpeat.config import Config, compose, resolve_paths, to_yaml
 from fedpeat.data import load_samples
-from fedpeat.lora import state_shapes
 from fedpeat.model import describe, model_location
 from fedpeat.outputs import new_run_dir, plot_metrics, write_json_atomic
 from fedpeat.task import ServerModel
 from server_app.recorder import RoundRecorder
-from strategies.fedlora import FedLoRA, to_record
+from strategies.fedpeat_strategy import FedPEAT, to_record
 
 app = ServerApp()
 
@@ -48,7 +47,7 @@ def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
     start = time.perf_counter()
     server = ServerModel(cfg)
     log(INFO, "model %s: %s", cfg.model.name, describe(server.model.get_base_model()))
-    strategy = FedLoRA(cfg, state_shapes(server.initial_state))
+    strategy = FedPEAT(cfg, server)
     recorder = RoundRecorder(run_dir, cfg.rounds, strategy, server)
 
     strategy.start(
@@ -74,6 +73,9 @@ def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
         "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
         "rejected_total": sum(len(r.get("rejected", [])) for r in rows),
+        "exchanges_total": sum(r.get("exchanges", 0) for r in rows),
+        "emulator_case": cfg.emulator.case,
+        "final_emulator_ppl": rows[-1].get("emulator_ppl"),
         "wall_s": time.perf_counter() - start,
         "run_dir": str(run_dir),
     }

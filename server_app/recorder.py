@@ -12,7 +12,7 @@ from flwr.common.logger import log
 
 from fedpeat.outputs import MetricsLog, plot_metrics
 from fedpeat.task import ServerModel
-from strategies.fedlora import FedLoRA, RoundStats, from_record
+from strategies.fedpeat_strategy import FedPEAT, RoundStats, from_record
 
 
 class RoundRecorder:
@@ -22,7 +22,7 @@ class RoundRecorder:
     after every round, last in the round, so the strategy's stats for the round are complete.
     """
 
-    def __init__(self, run_dir: Path, rounds: int, strategy: FedLoRA, server: ServerModel) -> None:
+    def __init__(self, run_dir: Path, rounds: int, strategy: FedPEAT, server: ServerModel) -> None:
         self.run_dir = run_dir
         self.rounds = rounds
         self.strategy = strategy
@@ -57,13 +57,14 @@ class RoundRecorder:
         bar = "#" * server_round + "." * (self.rounds - server_round)
         log(
             INFO,
-            "[%s] round %d/%d  plug-in ppl %.2f (round 0: %.2f)  devices %d/%d  "
+            "[%s] round %d/%d  plug-in ppl %.2f (round 0: %.2f)  emulator ppl %s  devices %d/%d  "
             "train loss %s  elapsed %.0fs  eta %s",
             bar,
             server_round,
             self.rounds,
             ppl,
             zero,
+            "-" if stats.emulator_ppl is None else f"{stats.emulator_ppl:.2f}",
             stats.num_clients,
             stats.num_sampled,
             "-" if stats.train_loss is None else f"{stats.train_loss:.3f}",

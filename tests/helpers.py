@@ -18,7 +18,7 @@ from flwr.app import (
 )
 from flwr.app.message import make_message
 
-from fedpeat.protocol import ADAPTER_KEY, METRICS_KEY, PLAN_KEY
+from fedpeat.protocol import ADAPTER_KEY, EMULATOR_KEY, METRICS_KEY, PLAN_KEY
 
 
 def metadata(message_type: str, src: int = 1, dst: int = 2) -> Metadata:
@@ -39,10 +39,17 @@ def arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
 
 
-def server_message(message_type: str, state: dict[str, np.ndarray], plan_json: str) -> Message:
+def server_message(
+    message_type: str,
+    state: dict[str, np.ndarray],
+    plan_json: str,
+    emulator: dict[str, np.ndarray] | None = None,
+) -> Message:
     content = RecordDict(
         {ADAPTER_KEY: arrays(state), PLAN_KEY: ConfigRecord({"plan": plan_json, "server-round": 1})}
     )
+    if emulator is not None:
+        content[EMULATOR_KEY] = arrays(emulator)
     return make_message(metadata(message_type), content)
 
 

@@ -9,8 +9,8 @@ from flwr.app import MessageType
 from client_app.app import app as client_app
 from fedpeat.lora import state_shapes
 from fedpeat.protocol import ADAPTER_KEY, METRICS_KEY
-from fedpeat.task import Plan, ServerModel
-from strategies.fedlora import FedLoRA, from_record
+from fedpeat.task import EmulatorRef, Plan, ServerModel
+from strategies.fedpeat_strategy import FedPEAT, from_record
 from tests.helpers import context, device_reply, error_reply, server_message
 
 
@@ -19,23 +19,55 @@ def server(tiny_cfg):
     return ServerModel(tiny_cfg)
 
 
-def test_client_train_replies_with_a_trained_adapter(tiny_cfg, server) -> None:
+def _plan(cfg, server, level: float | None = None) -> tuple[Plan, dict | None]:
+    """The plan the strategy would send, and the emulator tensors if it sends one."""
+    ref, tensors = EmulatorRef(), None
+    if level is not None:
+        pkg = server.package(level)
+        ref, tensors = EmulatorRef.of(pkg), pkg.state
+    plan = Plan.from_config(cfg, 1, ref)
+    plan.adapter_layers = server.adapter_layers
+    return plan, tensors
+
+
+@pytest.mark.parametrize("level", [None, 0.5])
+def test_client_train_replies_with_a_trained_adapter(
+    tiny_cfg, server, level, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path))
     state = server.initial_state
-    msg = server_message(MessageType.TRAIN, state, Plan.from_config(tiny_cfg, 1).to_json())
+    plan, emulator = _plan(tiny_cfg, server, level)
+    msg = server_message(MessageType.TRAIN, state, plan.to_json(), emulator=emulator)
     reply = client_app(msg, context(partition_id=1, num_partitions=3))
     assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
     new_state = from_record(reply.content.array_records[ADAPTER_KEY])
+    # Keys come back in full-model layer indices, whatever the emulator.
     assert state_shapes(new_state) == state_shapes(state)
     assert any(not np.allclose(new_state[k], state[k]) for k in state)  # it trained
     metrics = reply.content.metric_records[METRICS_KEY]
     assert metrics["num-examples"] > 0 and np.isfinite(metrics["train_loss"])
     assert metrics["train_s"] > 0 and metrics["peak_mem_mb"] > 0
+    if level is not None:
+        # The device cached the emulator under its digest, and reports it in its profile.
+        assert (tmp_path / "device-1" / f"{plan.emulator.digest}.safetensors").is_file()
+        query = server_message(MessageType.QUERY, {}, "{}")
+        profile = client_app(query, context(partition_id=1, num_partitions=3))
+        assert profile.content.config_records["profile"]["holds"] == plan.emulator.digest
+
+
+def test_client_without_the_emulator_reports_a_cache_miss(
+    tiny_cfg, server, tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path))
+    plan, _ = _plan(tiny_cfg, server, 0.75)
+    msg = server_message(MessageType.TRAIN, server.initial_state, plan.to_json())
+    with pytest.raises(Exception, match="not in the device cache"):
+        client_app(msg, context(partition_id=0, num_partitions=3))
 
 
 def test_client_evaluate_reports_perplexity(tiny_cfg, server) -> None:
-    msg = server_message(
-        MessageType.EVALUATE, server.initial_state, Plan.from_config(tiny_cfg, 1).to_json()
-    )
+    plan, _ = _plan(tiny_cfg, server)
+    msg = server_message(MessageType.EVALUATE, server.initial_state, plan.to_json())
     reply = client_app(msg, context(partition_id=0, num_partitions=3))
     metrics = reply.content.metric_records[METRICS_KEY]
     assert metrics["eval_ppl"] == pytest.approx(np.exp(metrics["eval_loss"]))
@@ -43,9 +75,8 @@ def test_client_evaluate_reports_perplexity(tiny_cfg, server) -> None:
 
 
 def test_client_without_partition_config_errors(tiny_cfg, server) -> None:
-    msg = server_message(
-        MessageType.TRAIN, server.initial_state, Plan.from_config(tiny_cfg, 1).to_json()
-    )
+    plan, _ = _plan(tiny_cfg, server)
+    msg = server_message(MessageType.TRAIN, server.initial_state, plan.to_json())
     ctx = context()
     ctx.node_config = {}
     with pytest.raises(ValueError, match="partition-id and num-partitions"):
@@ -56,9 +87,19 @@ def _state(value: float, shapes) -> dict[str, np.ndarray]:
     return {k: np.full(s, value, dtype=np.float32) for k, s in shapes.items()}
 
 
+def _strategy(cfg, shapes) -> FedPEAT:
+    """A strategy over hand-made adapter shapes; the server's own training is off."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    cfg = replace(cfg, strategy=replace(cfg.strategy, server_train=False))
+    server = SimpleNamespace(initial_state=_state(0.0, shapes), adapter_layers=None)
+    return FedPEAT(cfg, server)  # type: ignore[arg-type]
+
+
 def test_strategy_rejects_bad_replies_and_averages_the_rest(tiny_cfg) -> None:
     shapes = {"a.lora_A.weight": (2, 3), "a.lora_B.weight": (3, 2)}
-    strategy = FedLoRA(tiny_cfg, shapes)
+    strategy = _strategy(tiny_cfg, shapes)
     good1 = device_reply(
         1, _state(1.0, shapes), {"num-examples": 1, "train_loss": 2.0, "train_s": 1.0}
     )
@@ -104,48 +145,13 @@ def test_strategy_rejects_bad_replies_and_averages_the_rest(tiny_cfg) -> None:
 
 
 def test_strategy_keeps_the_adapter_when_nothing_is_valid(tiny_cfg) -> None:
-    strategy = FedLoRA(tiny_cfg, {"x": (1,)})
+    strategy = _strategy(tiny_cfg, {"x": (1,)})
     assert strategy.aggregate_train(2, [error_reply(1, "boom")]) == (None, None)
     assert strategy.stats[2].num_clients == 0
 
 
-class FakeGrid:
-    def __init__(self, nodes: list[int]) -> None:
-        self.nodes = nodes
-
-    def get_node_ids(self) -> list[int]:
-        return self.nodes
-
-
-@pytest.fixture()
-def server_identity(monkeypatch):
-    """What the ServerApp runtime sets before `Message(...)` may be built outside it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-def test_configure_train_samples_and_counts_bytes(tiny_cfg, server, server_identity) -> None:
-    from dataclasses import replace
-
-    from flwr.app import ConfigRecord
-
-    from strategies.fedlora import to_record
-
-    cfg = replace(tiny_cfg, strategy=replace(tiny_cfg.strategy, fraction_train=0.5))
-    strategy = FedLoRA(cfg, state_shapes(server.initial_state))
-    arrays = to_record(server.initial_state)
-    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), FakeGrid([11, 12, 13, 14])))
-    assert len(messages) == 2
-    assert {m.metadata.dst_node_id for m in messages} <= {11, 12, 13, 14}
-    assert strategy.stats[1].bytes_down == 2 * arrays.count_bytes()
-    plan = Plan.from_json(str(messages[0].content.config_records["plan"]["plan"]))
-    assert plan.server_round == 1 and plan.model == cfg.model
-
-
 def test_short_reason_keeps_the_clientapp_message() -> None:
-    from strategies.fedlora import short_reason
+    from strategies.fedpeat_strategy import short_reason
 
     header = "<class 'ray.exceptions.RayTaskError(ClientAppException)'>:"
     trace = "<'\x1b[36mray::ClientAppActor.run()\x1b[39m (pid=1)\n  File x\n"

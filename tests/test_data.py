@@ -20,6 +20,7 @@ from fedpeat.data import (
     partition_indices,
     server_data,
     server_split,
+    server_train_data,
     speeches_to_samples,
     train_test_split,
 )
@@ -84,9 +85,10 @@ def test_shakespeare_corpus_is_the_plays() -> None:
 
 
 def test_server_split_is_disjoint_and_seeded() -> None:
-    held, pool = server_split(100, 0.1, seed=3)
-    assert len(held) == 10 and len(pool) == 90
-    assert not set(held) & set(pool) and set(held) | set(pool) == set(range(100))
+    held, train, pool = server_split(100, 0.1, seed=3, train_fraction=0.05)
+    assert (len(held), len(train), len(pool)) == (10, 5, 85)
+    assert not set(held) & set(pool) and not set(train) & set(pool) and not set(held) & set(train)
+    assert set(held) | set(train) | set(pool) == set(range(100))
     np.testing.assert_array_equal(held, server_split(100, 0.1, seed=3)[0])
     assert not np.array_equal(held, server_split(100, 0.1, seed=4)[0])
 
@@ -144,21 +146,19 @@ def test_partition_by_unknown_column_names_it() -> None:
         )
 
 
-def test_devices_never_see_the_server_held_out_set() -> None:
-    cfg = replace(compose().data, max_samples=400)
+def test_devices_never_see_the_server_data() -> None:
+    cfg = replace(compose().data, max_samples=400, server_eval_samples=1000)
     part = PartitionConfig(kind="iid")
-    server = {s["response"] for s in load_samples(cfg)} - {
-        s["response"]
-        for i in range(4)
-        for s in device_data(cfg, part, i, 4).train + device_data(cfg, part, i, 4).test
-    }
-    held = {s["response"] for s in server_data(replace(cfg, server_eval_samples=1000))}
-    assert held and held <= server
-    sizes = [len(device_data(cfg, part, i, 4).train) for i in range(4)]
-    assert (
-        sum(sizes) + len(held) + sum(len(device_data(cfg, part, i, 4).test) for i in range(4))
-        == 400
-    )
+    splits = [device_data(cfg, part, i, 4) for i in range(4)]
+    # Samples are the corpus's own dict objects: compare identities, not (repeatable) texts.
+    device = [id(s) for d in splits for s in d.train + d.test]
+    held = [id(s) for s in server_data(cfg)]
+    train = [id(s) for s in server_train_data(cfg)]
+    assert held and train
+    assert not set(held) & set(device) and not set(train) & set(device)
+    assert not set(held) & set(train)
+    # Every sample is somewhere, exactly once.
+    assert len(set(device) | set(held) | set(train)) == len(device) + len(held) + len(train) == 400
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path) -> None:

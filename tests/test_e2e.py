@@ -41,12 +41,24 @@ def _check_run(outcome, rounds: int) -> list[dict]:
     return rows
 
 
+@pytest.fixture(autouse=True)
+def device_disks(tmp_path, monkeypatch):
+    """Fresh emulator caches for the simulated devices (launched processes inherit it)."""
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices"))
+
+
 def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
     outcome = launch(
         devices=3, overrides="experiment=tiny", output_dir=tmp_path / "runs", stream=False
     )
     rows = _check_run(outcome, rounds=2)
     assert all(r["num_clients"] == 3 for r in rows[1:])
+    # FedPEAT case 1: emulators went out in round 1 only, and devices evaluated on them.
+    assert (
+        rows[1]["exchanges"] == 3 and rows[2]["exchanges"] == 0 and rows[2]["emulator_bytes"] == 0
+    )
+    assert all(r["emulator_ppl"] is not None for r in rows[1:])
+    assert all(d["bytes_down"] > 0 and d["bytes_up"] > 0 for d in rows[1]["devices"])
     # SuperLink, SuperExec, the simulation and Ray all carried the launch's marker: none is left.
     assert marked_pids(outcome.marker) == []
     # The tiny model is random, so training on Shakespeare lowers its perplexity quickly.

@@ -1,0 +1,412 @@
+"""FedPEAT strategy (Message API): profiles, per-device emulator plans, validation, aggregation.
+
+Each round: sample devices; give each the emulator level its memory allows (case 1), the shared
+one (case 2) or the full model (case 3); send the emulator's weights only to devices that do not
+hold that digest; validate every reply (a malformed *successful* reply never raises here, unlike
+Flower's stock FedAvg); let the server train on its own data too; average the adapters weighted
+by examples. A round without any valid update keeps the previous adapter.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from fedpeat.config import Config
+from fedpeat.lora import AdapterStateError, check_adapter_state, state_shapes
+from fedpeat.protocol import ADAPTER_KEY, EMULATOR_KEY, METRICS_KEY, PLAN_KEY, PROFILE_KEY
+from fedpeat.task import EmulatorRef, Plan, ServerModel
+from strategies.aggregation import weighted_average, weighted_mean
+from strategies.assign import Assignment, assign_levels
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Device errors that mean "I do not hold that emulator (any more)": resend it next time.
+_CACHE_MISS = ("not in the device cache", "was corrupt")
+
+
+def short_reason(reason: str, limit: int = 300) -> str:
+    """The useful line of a device error: Ray wraps the ClientApp's exception in tracebacks."""
+    text = _ANSI.sub("", reason or "unknown error")
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    text = " ".join(text.split()).rstrip("'>")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _scalar_bytes(value: Any) -> int:
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, list):
+        return sum(_scalar_bytes(v) for v in value)
+    return 1 if isinstance(value, bool) else 8  # numbers travel as 64-bit
+
+
+def content_bytes(content: RecordDict) -> int:
+    """Bytes of every record in a message (arrays, configs, metrics): what goes on the wire.
+
+    Config and metric values are sized here rather than with Flower's `count_bytes`, which
+    raises on an empty string or list (a device's reply must never crash the accounting).
+    """
+    arrays = sum(r.count_bytes() for r in content.array_records.values())
+    scalars = sum(
+        len(k) + _scalar_bytes(v) for r in content.config_records.values() for k, v in r.items()
+    )
+    scalars += sum(
+        len(k) + _scalar_bytes(v) for r in content.metric_records.values() for k, v in r.items()
+    )
+    return int(arrays + scalars)
+
+
+def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+@dataclass
+class DeviceRound:
+    """One device's part in one round (a row of `devices` in metrics.jsonl)."""
+
+    node: int
+    partition: int
+    level: float
+    emulator_sent: bool
+    bytes_down: int
+    bytes_up: int = 0
+    train_loss: float | None = None
+    examples: int = 0
+    train_s: float | None = None
+    peak_mem_mb: float | None = None
+    status: str = "sent"
+
+
+@dataclass
+class RoundStats:
+    """What the strategy saw in one round; the ServerApp merges it into the metrics row."""
+
+    num_sampled: int = 0
+    num_clients: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    exchanges: int = 0
+    emulator_bytes: int = 0
+    train_loss: float | None = None
+    server_train_loss: float | None = None
+    emulator_ppl: float | None = None
+    devices: dict[int, DeviceRound] = field(default_factory=dict)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    def as_row(self) -> dict[str, Any]:
+        return {
+            "num_sampled": self.num_sampled,
+            "num_clients": self.num_clients,
+            "bytes_down": self.bytes_down,
+            "bytes_up": self.bytes_up,
+            "exchanges": self.exchanges,
+            "emulator_bytes": self.emulator_bytes,
+            "train_loss": self.train_loss,
+            "server_train_loss": self.server_train_loss,
+            "emulator_ppl": self.emulator_ppl,
+            "client_train_s_max": max(
+                (d.train_s for d in self.devices.values() if d.train_s is not None), default=None
+            ),
+            "devices": [vars(d) for d in self.devices.values()],
+            "skipped": self.skipped,
+            "rejected": self.rejected,
+        }
+
+
+class FedPEAT(Strategy):
+    """Emulator-assisted federated LoRA with per-reply validation and server collaboration."""
+
+    def __init__(self, cfg: Config, server: ServerModel) -> None:
+        self.cfg = cfg
+        self.server = server
+        self.shapes = state_shapes(server.initial_state)
+        self.rng = random.Random(cfg.seed)
+        self.stats: dict[int, RoundStats] = {}
+        self.profiles: dict[int, dict[str, Any]] = {}
+        self.holdings: dict[int, set[str]] = {}
+        self.state: dict[str, np.ndarray] = dict(server.initial_state)
+        self._plans: dict[int, Plan] = {}
+
+    # ------------------------------------------------------------------ devices
+
+    def _connected(self, grid: Grid) -> list[int]:
+        need, waited = self.cfg.strategy.min_nodes, 0
+        while len(nodes := sorted(grid.get_node_ids())) < need:
+            if waited % 10 == 0:
+                log(INFO, "waiting for devices: %d connected, %d needed", len(nodes), need)
+            time.sleep(1.0)
+            waited += 1
+        return nodes
+
+    def _profiles(self, grid: Grid, nodes: list[int], stats: RoundStats) -> None:
+        """Ask devices we have not heard from for their profile (partition, memory, holdings)."""
+        missing = [n for n in nodes if n not in self.profiles]
+        if not missing:
+            return
+        msgs = [
+            Message(
+                RecordDict({PLAN_KEY: ConfigRecord({"ask": "profile"})}),
+                dst_node_id=n,
+                message_type=MessageType.QUERY,
+            )
+            for n in missing
+        ]
+        stats.bytes_down += sum(content_bytes(m.content) for m in msgs)
+        for reply in grid.send_and_receive(msgs, timeout=self.cfg.strategy.round_timeout_s):
+            node = reply.metadata.src_node_id
+            if reply.has_content():
+                stats.bytes_up += content_bytes(reply.content)
+            if reply.has_error() or PROFILE_KEY not in reply.content.config_records:
+                log(
+                    WARNING,
+                    "node %d sent no profile: %s",
+                    node,
+                    short_reason(
+                        (reply.error.reason if reply.has_error() else None) or "no profile"
+                    ),
+                )
+                continue
+            prof = dict(reply.content.config_records[PROFILE_KEY])
+            memory = float(prof.get("memory-mb", -1.0))  # type: ignore[arg-type]
+            if memory <= 0:
+                # Simulation: the node does not know its budget; the devices= profile gives it.
+                profiles = self.cfg.devices.profiles
+                sim = profiles[int(prof["partition-id"]) % len(profiles)]  # type: ignore[arg-type]
+                prof["memory-mb"], prof["profile"] = sim.memory_mb, sim.name
+            self.profiles[node] = prof
+            self.holdings[node] = {d for d in str(prof.get("holds", "")).split(",") if d}
+
+    def _sample(self, nodes: list[int], fraction: float) -> list[int]:
+        k = max(1, round(len(nodes) * fraction))
+        return sorted(self.rng.sample(nodes, min(k, len(nodes))))
+
+    def assign(self, nodes: list[int]) -> dict[int, Assignment]:
+        e = self.cfg.emulator
+        budgets = {n: float(self.profiles[n]["memory-mb"]) for n in nodes}
+        return assign_levels(
+            e.case, budgets, list(e.levels), e.shared_level, self.server.memory_need_mb
+        )
+
+    # ------------------------------------------------------------------ train
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        nodes = self._connected(grid)
+        stats = self.stats.setdefault(server_round, RoundStats())
+        self._profiles(grid, nodes, stats)
+        sampled = [
+            n for n in self._sample(nodes, self.cfg.strategy.fraction_train) if n in self.profiles
+        ]
+        stats.num_sampled = len(sampled)
+        self.state = from_record(arrays)
+        self._plans = {}
+        messages = []
+        for node, assignment in self.assign(sampled).items():
+            if assignment.level is None:
+                stats.skipped.append({"node": node, "reason": assignment.reason})
+                continue
+            content = RecordDict({ADAPTER_KEY: arrays})
+            ref, sent_bytes = EmulatorRef(), 0
+            if self.cfg.emulator.case != 3:
+                pkg = self.server.package(assignment.level)
+                ref = EmulatorRef.of(pkg)
+                if pkg.digest not in self.holdings.get(node, set()):
+                    emulator_record = to_record(pkg.state)
+                    content[EMULATOR_KEY] = emulator_record
+                    sent_bytes = emulator_record.count_bytes()
+                    stats.exchanges += 1
+                    stats.emulator_bytes += sent_bytes
+            plan = Plan.from_config(self.cfg, server_round, ref)
+            plan.adapter_layers = self.server.adapter_layers
+            content[PLAN_KEY] = ConfigRecord({"plan": plan.to_json(), "server-round": server_round})
+            self._plans[node] = plan
+            down = content_bytes(content)
+            stats.bytes_down += down
+            stats.devices[node] = DeviceRound(
+                node,
+                int(self.profiles[node]["partition-id"]),
+                assignment.level,
+                sent_bytes > 0,
+                down,
+            )
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        log(
+            INFO,
+            "round %d: %d device(s) train, %d skipped, %d emulator(s) sent (%.1f MB)",
+            server_round,
+            len(messages),
+            len(stats.skipped),
+            stats.exchanges,
+            stats.emulator_bytes / 2**20,
+        )
+        return messages
+
+    def validate_reply(
+        self, msg: Message
+    ) -> tuple[dict[str, np.ndarray], float, dict[str, Any]] | str:
+        """(state, weight, metrics) of a usable reply, or the reason it is rejected."""
+        if msg.has_error():
+            return f"device error: {short_reason(msg.error.reason or '')}"
+        content = msg.content
+        if ADAPTER_KEY not in content.array_records or METRICS_KEY not in content.metric_records:
+            return f"reply lacks '{ADAPTER_KEY}' arrays or '{METRICS_KEY}' metrics"
+        metrics = dict(content.metric_records[METRICS_KEY])
+        weight, loss = metrics.get("num-examples"), metrics.get("train_loss")
+        if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+            return f"num-examples must be a positive number, got {weight!r}"
+        if not isinstance(loss, (int, float)) or not np.isfinite(loss):
+            return f"train_loss must be a finite number, got {loss!r}"
+        try:
+            state = from_record(content.array_records[ADAPTER_KEY])
+            check_adapter_state(self.shapes, state)
+        except (AdapterStateError, ValueError, TypeError) as err:
+            return f"invalid adapter: {err}"
+        return state, float(weight), metrics
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        states, weights, losses = [], [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            dev = stats.devices.get(node)
+            if msg.has_content():
+                up = content_bytes(msg.content)
+                stats.bytes_up += up
+                if dev:
+                    dev.bytes_up = up
+            checked = self.validate_reply(msg)
+            if isinstance(checked, str):
+                log(
+                    WARNING,
+                    "round %d: rejected reply from node %d: %s",
+                    server_round,
+                    node,
+                    checked,
+                )
+                stats.rejected.append({"node": node, "reason": checked})
+                if dev:
+                    dev.status = "rejected"
+                if any(s in checked for s in _CACHE_MISS):
+                    self.holdings[node] = set()
+                continue
+            state, weight, metrics = checked
+            states.append(state)
+            weights.append(weight)
+            losses.append(float(metrics["train_loss"]))
+            plan = self._plans.get(node)
+            if plan is not None and plan.emulator.digest:
+                self.holdings[node] = {plan.emulator.digest}
+            if dev:
+                dev.status, dev.train_loss, dev.examples = (
+                    "ok",
+                    float(metrics["train_loss"]),
+                    int(weight),
+                )
+                dev.train_s = _num(metrics.get("train_s"))
+                dev.peak_mem_mb = _num(metrics.get("peak_mem_mb"))
+        stats.num_clients = len(states)
+        if states:
+            stats.train_loss = weighted_mean(losses, weights)
+        if self.cfg.strategy.server_train and (states or not stats.devices):
+            # The server's own update joins the average like one more device.
+            server_state, result, n = self.server.train(self.state, server_round)
+            states.append(server_state)
+            weights.append(float(n))
+            stats.server_train_loss = result.train_loss
+        if not states:
+            log(WARNING, "round %d: no valid update; keeping the previous adapter", server_round)
+            return None, None
+        merged = weighted_average(states, weights)
+        return to_record(merged), MetricRecord({"train_loss": stats.train_loss or 0.0})
+
+    # ------------------------------------------------------------------ evaluate
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Devices that trained this round evaluate the new global adapter on their emulator."""
+        if self.cfg.strategy.fraction_evaluate <= 0:
+            return []
+        stats = self.stats.setdefault(server_round, RoundStats())
+        trained = [n for n, d in stats.devices.items() if d.status == "ok"]
+        if not trained:
+            return []
+        chosen = self._sample(trained, self.cfg.strategy.fraction_evaluate)
+        messages = []
+        for node in chosen:
+            plan = self._plans[node]
+            content = RecordDict(
+                {
+                    ADAPTER_KEY: arrays,
+                    PLAN_KEY: ConfigRecord({"plan": plan.to_json(), "server-round": server_round}),
+                }
+            )
+            stats.bytes_down += content_bytes(content)
+            messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
+        return messages
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        stats = self.stats.setdefault(server_round, RoundStats())
+        losses, tokens = [], []
+        for msg in replies:
+            if msg.has_content():
+                stats.bytes_up += content_bytes(msg.content)
+            if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
+                continue
+            m = msg.content.metric_records[METRICS_KEY]
+            loss, count = _num(m.get("eval_loss")), _num(m.get("eval_tokens"))
+            if loss is not None and count is not None and count > 0:
+                losses.append(loss)
+                tokens.append(count)
+        if not losses:
+            return None
+        # Pool the token NLL across devices, then exponentiate: a token-weighted perplexity.
+        ppl = float(np.exp(weighted_mean(losses, tokens)))
+        stats.emulator_ppl = ppl
+        return MetricRecord({"emulator_ppl": ppl})
+
+    def summary(self) -> None:
+        s, e = self.cfg.strategy, self.cfg.emulator
+        log(
+            INFO,
+            "FedPEAT: case %d, levels %s, aggregation=%s, fraction_train=%.2f, server_train=%s",
+            e.case,
+            e.levels if e.case == 1 else e.shared_level,
+            s.aggregation,
+            s.fraction_train,
+            s.server_train,
+        )
+
+
+def _num(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and np.isfinite(value) else None

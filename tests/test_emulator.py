@@ -1,0 +1,193 @@
+"""Emulators: layer choice, exact plug-in through key remapping, wire form and device cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedpeat.config import AdapterConfig
+from fedpeat.emulator import (
+    EmulatorError,
+    adapter_region,
+    build_emulator,
+    load_package,
+    package,
+    save_package,
+    select_layers,
+    to_emulator_keys,
+    to_full_keys,
+    unpackage,
+)
+from fedpeat.lora import attach_lora, get_adapter_state, set_adapter_state
+from fedpeat.model import load_model
+
+
+@pytest.mark.parametrize(
+    ("n", "keep", "expected"),
+    [
+        # 26 middle layers (2..27), keep 13: middle[round_half_up(i * 25 / 12)], i = 0..12
+        (30, 0.5, [0, 1, 2, 4, 6, 8, 10, 12, 15, 17, 19, 21, 23, 25, 27, 28, 29]),
+        # 26 middle, keep round(6.5) = 7: middle[round(i * 25 / 6)] = 2, 6, 10, 15, 19, 23, 27
+        (30, 0.25, [0, 1, 2, 6, 10, 15, 19, 23, 27, 28, 29]),
+        # 4 middle (2..5), keep 3: middle[round(i * 3 / 2)] = middle[0, 2, 3]
+        (8, 0.75, [0, 1, 2, 4, 5, 6, 7]),
+        # keep 2 of 4: first and last middle layer
+        (8, 0.5, [0, 1, 2, 5, 6, 7]),
+        # round(0.25 * 4) = 1, raised to 2: first and last always stay
+        (8, 0.25, [0, 1, 2, 5, 6, 7]),
+        (8, 1.0, list(range(8))),
+        # a single middle layer is kept whatever the ratio
+        (5, 0.1, [0, 1, 2, 3, 4]),
+    ],
+)
+def test_layer_selection_by_hand(n: int, keep: float, expected: list[int]) -> None:
+    assert select_layers(n, 2, 2, keep) == expected
+
+
+def test_layer_selection_rejects_bad_shapes() -> None:
+    with pytest.raises(EmulatorError, match="exceed the model's 4 layers"):
+        select_layers(4, 3, 2, 0.5)
+    with pytest.raises(EmulatorError, match="outside"):
+        select_layers(8, 2, 2, 0.0)
+    assert adapter_region(8, 2, 2) == [0, 1, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def full(tiny_cfg):
+    return load_model(tiny_cfg.model, cached=False)
+
+
+@pytest.fixture(scope="module")
+def emulator(full):
+    return build_emulator(full, 0.5, 2, 2)
+
+
+def test_emulator_keeps_only_the_selected_layers(full, emulator) -> None:
+    assert emulator.layers == [0, 1, 2, 5, 6, 7] and emulator.adapter_layers == [0, 1, 4, 5]
+    assert emulator.model.config.num_hidden_layers == 6
+    assert full.config.num_hidden_layers == 8  # the full model is untouched
+    for j, i in enumerate(emulator.layers):
+        fw = full.model.layers[i].mlp.down_proj.weight
+        ew = emulator.model.model.layers[j].mlp.down_proj.weight
+        # equal up to the fp16 wire rounding, and never the same storage
+        torch.testing.assert_close(ew, fw.half().float())
+        assert ew.data_ptr() != fw.data_ptr()
+    ids = torch.tensor([[5, 17, 900, 31]])
+    with torch.no_grad():
+        h_full = full(ids, output_hidden_states=True).hidden_states
+        h_emu = emulator.model(ids, output_hidden_states=True).hidden_states
+    # The bottom (adapter-region) layers compute the same thing in both models.
+    torch.testing.assert_close(h_emu[2], h_full[2], atol=2e-3, rtol=1e-3)
+
+
+def test_adapter_plugs_into_the_full_model_exactly(tiny_cfg, full, emulator) -> None:
+    """An adapter trained on the emulator gives, on every adapter-region layer of the full
+    model, the output W x + (alpha / r) B A x computed by hand."""
+    cfg = AdapterConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    emu_lora = attach_lora(
+        build_emulator(full, 0.5, 2, 2).model, cfg, layers=emulator.adapter_layers
+    )
+    rng = np.random.default_rng(0)
+    trained = {
+        k: rng.normal(size=v.shape).astype(np.float32)
+        for k, v in get_adapter_state(emu_lora).items()
+    }
+    set_adapter_state(emu_lora, trained)
+    global_state = to_full_keys(trained, emulator.layers)
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in global_state} == {0, 1, 6, 7}
+    assert to_emulator_keys(global_state, emulator.layers) == trained
+
+    full_lora = attach_lora(
+        load_model(tiny_cfg.model, cached=False), cfg, layers=adapter_region(8, 2, 2)
+    )
+    set_adapter_state(full_lora, global_state)
+    x = torch.randn(3, full.config.hidden_size)
+    for j, i in zip(emulator.adapter_layers, [0, 1, 6, 7], strict=True):
+        prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
+        a = torch.from_numpy(global_state[f"{prefix}.lora_A.weight"])
+        b = torch.from_numpy(global_state[f"{prefix}.lora_B.weight"])
+        w = full.model.layers[i].self_attn.q_proj.weight
+        by_hand = x @ w.T + (8 / 4) * (x @ a.T @ b.T)
+        with torch.no_grad():
+            out_full = full_lora.base_model.model.model.layers[i].self_attn.q_proj(x)
+            out_emu = emu_lora.base_model.model.model.layers[j].self_attn.q_proj(x)
+        torch.testing.assert_close(out_full, by_hand, atol=1e-4, rtol=1e-4)
+        # the emulator's frozen weights went through fp16 on the wire
+        torch.testing.assert_close(out_emu, by_hand, atol=2e-2, rtol=1e-2)
+
+
+def test_adapter_keys_outside_the_region_are_refused(emulator) -> None:
+    with pytest.raises(EmulatorError, match="outside the adapter region"):
+        to_emulator_keys(
+            {"base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight": np.zeros(1)},
+            emulator.layers,
+        )
+
+
+def test_wire_form_round_trips_and_hash_is_stable(full, emulator) -> None:
+    pkg = package(emulator)
+    assert package(build_emulator(full, 0.5, 2, 2)).digest == pkg.digest
+    assert package(build_emulator(full, 0.75, 2, 2)).digest != pkg.digest
+    assert "lm_head.weight" not in pkg.state  # tied to the embedding: sent once
+    assert all(a.dtype == np.float16 for a in pkg.state.values())
+    back = unpackage(pkg)
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(back.model(ids).logits, emulator.model(ids).logits)
+    pkg.state["model.norm.weight"] = pkg.state["model.norm.weight"] + np.float16(1)
+    with pytest.raises(EmulatorError, match="hash mismatch"):
+        unpackage(pkg)
+
+
+def test_corrupt_cache_file_is_dropped(tmp_path, emulator) -> None:
+    pkg = package(emulator)
+    path = save_package(pkg, tmp_path)
+    loaded = load_package(tmp_path, pkg.digest)
+    assert loaded.layers == pkg.layers and loaded.digest == pkg.digest
+    raw = bytearray(path.read_bytes())
+    raw[-10] ^= 0xFF  # flip bits inside the last tensor
+    path.write_bytes(bytes(raw))
+    with pytest.raises(EmulatorError, match="corrupt"):
+        load_package(tmp_path, pkg.digest)
+    assert not path.exists()
+    with pytest.raises(EmulatorError, match="not in the device cache"):
+        load_package(tmp_path, pkg.digest)
+
+
+def test_distillation_pulls_the_emulator_towards_the_full_model(tiny_cfg, full, tokenizer) -> None:
+    from dataclasses import replace
+
+    from fedpeat.data import collate, encode, server_data, server_train_data
+    from fedpeat.distill import distill, normalised_mse
+
+    # normalised MSE by hand: ||(1,1)-(1,0)||^2 / ||(1,0)||^2 = 1; a masked token is ignored.
+    s = torch.tensor([[[1.0, 1.0], [9.0, 9.0]]])
+    t = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    assert float(normalised_mse(s, t, torch.tensor([[1, 0]]))) == pytest.approx(1.0)
+
+    cfg = replace(tiny_cfg.data, max_samples=600, server_train_fraction=0.4)
+    train = encode(server_train_data(cfg), tokenizer, 32)
+    held = collate(encode(server_data(cfg), tokenizer, 32)[:16], tokenizer.pad_token_id)
+    emulator = build_emulator(full, 0.5, 2, 2)
+
+    def gap() -> float:
+        """nMSE between the middle blocks' outputs on held-out text (the distillation target);
+        a random tiny model has no perplexity signal to compare."""
+        with torch.no_grad():
+            kw = {"attention_mask": held["attention_mask"], "output_hidden_states": True}
+            h_e = emulator.model.model(held["input_ids"], **kw).hidden_states[4]
+            h_f = full.model(held["input_ids"], **kw).hidden_states[6]
+        return float(normalised_mse(h_e, h_f, held["attention_mask"]))
+
+    before = gap()
+    dcfg = replace(tiny_cfg.emulator.distill, enabled=True, steps=60, lr=3e-3, samples=200)
+    losses = distill(emulator, full, train, dcfg, tokenizer.pad_token_id, torch.device("cpu"))
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    assert gap() < 0.75 * before
+    # The adapter region is untouched: the plug-in stays exact.
+    for j, i in zip([0, 1, 4, 5], [0, 1, 6, 7], strict=True):
+        torch.testing.assert_close(
+            emulator.model.model.layers[j].self_attn.q_proj.weight,
+            full.model.layers[i].self_attn.q_proj.weight.half().float(),
+        )
