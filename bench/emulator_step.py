@@ -5,7 +5,7 @@ with the same batch: it loads the model, cuts the emulator, attaches the adapter
 warm-up step and then `--steps` timed steps. Printed as ratios to the full model, with the cost
 model's estimate next to the measured peak. Writes bench/results/emulator_step.{json,md}.
 
-    python -m bench.emulator_step [--steps 3] [--overrides "..."]
+    python -m bench.emulator_step [--steps 8] [--overrides "..."]
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--overrides", default="")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pkg-dir", type=Path, default=None, help=argparse.SUPPRESS)

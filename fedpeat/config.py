@@ -198,8 +198,9 @@ class StrategyConfig:
     """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline)."""
     fraction_train: float = 1.0
     """Share of connected devices sampled each round."""
-    fraction_evaluate: float = 0.0
-    """Share of connected devices that evaluate the global adapter on their held-out split."""
+    fraction_evaluate: float = 1.0
+    """Share of the devices that trained in a round that then evaluate the new global adapter
+    on their emulator and held-out split (emulator_ppl)."""
     min_nodes: int = 2
     """Wait until this many devices are connected before the first round."""
     round_timeout_s: float = 1800.0

@@ -35,9 +35,11 @@ from fedpeat.cost import MiB, ModelShape, training_memory_bytes
 from fedpeat.data import Encoded, device_data, encode, server_data, server_train_data
 from fedpeat.emulator import (
     Emulator,
+    EmulatorError,
     Package,
     adapter_region,
     build_emulator,
+    content_hash,
     layer_prefix,
     load_package,
     package,
@@ -167,7 +169,8 @@ def held_emulators(node_key: str) -> list[str]:
 
 def receive_emulator(pkg: Package, node_key: str) -> None:
     """Verify and store an emulator the server sent; it replaces whatever the device held."""
-    unpackage(pkg, verify=True)  # raises on a hash mismatch before anything is written
+    if content_hash(pkg.config_json, pkg.layers, pkg.state) != pkg.digest:
+        raise EmulatorError(f"emulator {pkg.digest[:12]} arrived damaged: content hash mismatch")
     directory = device_cache(node_key)
     save_package(pkg, directory)
     prune_cache(directory, [pkg.digest])
