@@ -18,7 +18,7 @@ CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 MODEL_SOURCES = ("gguf", "tiny", "hf")
 DATA_SOURCES = ("shakespeare", "jsonl", "hf")
 PARTITIONERS = ("natural", "iid", "dirichlet")
-AGGREGATIONS = ("fedavg",)
+AGGREGATIONS = ("fedavg", "exact")
 EMULATOR_CASES = (1, 2, 3)
 WIRE_DTYPES = ("float16", "float32")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -195,7 +195,9 @@ class StrategyConfig:
 
     name: str = "fedpeat"
     aggregation: str = "fedavg"
-    """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline)."""
+    """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline);
+    `exact`: per module the weighted mean of the updates B_i A_i, re-factorised by truncated SVD
+    to the adapter rank (FlexLoRA); modules a device did not train do not dilute it."""
     fraction_train: float = 1.0
     """Share of connected devices sampled each round."""
     fraction_evaluate: float = 1.0

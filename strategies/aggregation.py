@@ -48,3 +48,99 @@ def weighted_mean(values: Sequence[float], weights: Sequence[float]) -> float:
     if len(values) != len(w) or w.sum() <= 0:
         raise ValueError("weighted_mean needs equal-length inputs and a positive total weight")
     return float(np.dot(np.asarray(values, dtype=np.float64), w) / w.sum())
+
+
+# --------------------------------------------------------------------------- exact LoRA
+
+_A, _B = ".lora_A.", ".lora_B."
+
+
+def lora_pairs(state: State) -> dict[str, tuple[str, str]]:
+    """Module name -> (A key, B key) for every LoRA module in `state`."""
+    pairs: dict[str, tuple[str, str]] = {}
+    for key in state:
+        if _A in key:
+            module = key.split(_A)[0]
+            b_key = key.replace(_A, _B)
+            if b_key not in state:
+                raise ValueError(f"{key} has no matching lora_B tensor")
+            pairs[module] = (key, b_key)
+    return pairs
+
+
+def factorise(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best rank-`rank` factors of `delta` (out x in): B (out x rank), A (rank x in), with the
+    singular values split evenly (B = U sqrt(S), A = sqrt(S) V^T); also the discarded singular
+    values, whose root sum of squares is the Frobenius error of the truncation (Eckart-Young)."""
+    u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
+    k = min(rank, len(s))
+    root = np.sqrt(s[:k])
+    b = np.zeros((delta.shape[0], rank))
+    a = np.zeros((rank, delta.shape[1]))
+    b[:, :k] = u[:, :k] * root
+    a[:k] = root[:, None] * vt[:k]
+    return b, a, s[k:]
+
+
+def exact_aggregate(
+    states: Sequence[State],
+    weights: Sequence[float],
+    rank: int,
+    scales: Sequence[float] | None = None,
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Aggregate LoRA adapters through their products, then re-factorise (FlexLoRA style).
+
+    Per module, over the states that contain it: dW = sum_i w_i s_i B_i A_i / sum_i w_i, with
+    `scales` s_i (alpha / r_i when ranks differ; 1 when they are equal). A module a device did not
+    train does not dilute the average. The result is the best rank-`rank` factorisation B A of
+    dW (so with all ranks equal and rank >= sum of ranks it *is* the weighted mean of the updates).
+    Non-LoRA tensors are averaged with the same renormalised weights.
+
+    Returns the aggregated state (float32, A: rank x in, B: out x rank) and, per module, the
+    truncation error ||dW - B A||_F.
+    """
+    if not states:
+        raise ValueError("nothing to aggregate: no states")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero; got {list(w)}")
+    s = np.ones(len(states)) if scales is None else np.asarray(scales, dtype=np.float64)
+    modules: dict[str, tuple[str, str]] = {}
+    for state in states:
+        modules.update(lora_pairs(state))
+    out: dict[str, np.ndarray] = {}
+    errors: dict[str, float] = {}
+    for module, (a_key, b_key) in modules.items():
+        members = [i for i, st in enumerate(states) if a_key in st]
+        total = w[members].sum()
+        if total <= 0:
+            continue
+        delta = sum(
+            (w[i] / total)
+            * s[i]
+            * (states[i][b_key].astype(np.float64) @ states[i][a_key].astype(np.float64))
+            for i in members
+        )
+        b, a, dropped = factorise(np.asarray(delta), rank)
+        out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
+        errors[module] = float(np.sqrt(np.sum(dropped**2)))
+    lora_keys = {k for pair in modules.values() for k in pair}
+    others = sorted({k for st in states for k in st} - lora_keys)
+    for key in others:
+        members = [i for i, st in enumerate(states) if key in st]
+        total = w[members].sum()
+        out[key] = sum((w[i] / total) * states[i][key].astype(np.float64) for i in members).astype(
+            np.float32
+        )
+    return out, errors
+
+
+def truncate_state(state: State, rank: int) -> dict[str, np.ndarray]:
+    """A device's share of the global adapter: every module cut to its own (smaller) rank."""
+    out = dict(state)
+    for a_key, b_key in lora_pairs(state).values():
+        b, a, _ = factorise(state[b_key] @ state[a_key], rank)
+        out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
+    return out

@@ -35,7 +35,7 @@ from fedpeat.config import Config
 from fedpeat.lora import AdapterStateError, check_adapter_state, state_shapes
 from fedpeat.protocol import ADAPTER_KEY, EMULATOR_KEY, METRICS_KEY, PLAN_KEY, PROFILE_KEY
 from fedpeat.task import EmulatorRef, Plan, ServerModel
-from strategies.aggregation import weighted_average, weighted_mean
+from strategies.aggregation import exact_aggregate, weighted_average, weighted_mean
 from strategies.assign import Assignment, assign_levels
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -114,6 +114,8 @@ class RoundStats:
     train_loss: float | None = None
     server_train_loss: float | None = None
     emulator_ppl: float | None = None
+    truncation_error: float | None = None
+    """`exact` aggregation: the largest ||dW - B A||_F over modules (Frobenius norm)."""
     devices: dict[int, DeviceRound] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -129,6 +131,7 @@ class RoundStats:
             "train_loss": self.train_loss,
             "server_train_loss": self.server_train_loss,
             "emulator_ppl": self.emulator_ppl,
+            "truncation_error": self.truncation_error,
             "client_train_s_max": max(
                 (d.train_s for d in self.devices.values() if d.train_s is not None), default=None
             ),
@@ -344,7 +347,11 @@ class FedPEAT(Strategy):
         if not states:
             log(WARNING, "round %d: no valid update; keeping the previous adapter", server_round)
             return None, None
-        merged = weighted_average(states, weights)
+        if self.cfg.strategy.aggregation == "exact":
+            merged, errors = exact_aggregate(states, weights, rank=self.cfg.adapter.r)
+            stats.truncation_error = max(errors.values(), default=0.0)
+        else:
+            merged = weighted_average(states, weights)
         return to_record(merged), MetricRecord({"train_loss": stats.train_loss or 0.0})
 
     # ------------------------------------------------------------------ evaluate

@@ -62,3 +62,82 @@ def test_weighted_mean_by_hand() -> None:
     assert weighted_mean([2.0, 4.0], [1, 3]) == pytest.approx(3.5)
     with pytest.raises(ValueError):
         weighted_mean([1.0], [0])
+
+
+# ------------------------------------------------------------------ exact LoRA aggregation
+
+from strategies.aggregation import exact_aggregate, factorise, truncate_state  # noqa: E402
+
+
+def _lora(b: np.ndarray, a: np.ndarray, name: str = "m") -> dict[str, np.ndarray]:
+    return {f"{name}.lora_A.weight": a, f"{name}.lora_B.weight": b}
+
+
+def test_exact_aggregation_is_the_weighted_mean_of_the_updates_when_rank_allows() -> None:
+    # Two rank-1 devices with weights 1 and 3; the server rank 2 holds both directions.
+    b1, a1 = np.array([[1.0], [0.0]]), np.array([[2.0, 0.0, 0.0]])
+    b2, a2 = np.array([[0.0], [1.0]]), np.array([[0.0, 0.0, 4.0]])
+    state, errors = exact_aggregate([_lora(b1, a1), _lora(b2, a2)], [1, 3], rank=2)
+    merged = state["m.lora_B.weight"] @ state["m.lora_A.weight"]
+    # 1/4 * [[2,0,0],[0,0,0]] + 3/4 * [[0,0,0],[0,0,4]] = [[0.5,0,0],[0,0,3]]
+    np.testing.assert_allclose(merged, [[0.5, 0, 0], [0, 0, 3.0]], atol=1e-6)
+    assert errors["m"] == pytest.approx(0.0, abs=1e-9)
+    assert state["m.lora_A.weight"].shape == (2, 3) and state["m.lora_B.weight"].shape == (2, 2)
+
+
+def test_truncation_error_is_the_discarded_singular_values() -> None:
+    # dW = diag(3, 2, 1) has singular values 3, 2, 1: rank 1 drops 2 and 1.
+    delta = np.diag([3.0, 2.0, 1.0])
+    b, a, dropped = factorise(delta, 1)
+    np.testing.assert_allclose(dropped, [2.0, 1.0])
+    assert np.linalg.norm(delta - b @ a) == pytest.approx(np.sqrt(2.0**2 + 1.0**2))
+    # Through exact_aggregate: one device whose update is that matrix (B = I, A = dW).
+    _, errors = exact_aggregate([_lora(np.eye(3), delta)], [1], rank=1)
+    assert errors["m"] == pytest.approx(np.sqrt(5.0))
+
+
+def test_modules_a_device_did_not_train_are_not_diluted() -> None:
+    one = {
+        **_lora(np.array([[1.0]]), np.array([[2.0]]), "q"),
+        **_lora(np.array([[1.0]]), np.array([[6.0]]), "v"),
+    }
+    two = _lora(np.array([[1.0]]), np.array([[4.0]]), "q")  # trained q only
+    state, _ = exact_aggregate([one, two], [1, 1], rank=1)
+    # q: mean of 2 and 4 = 3; v: only device one trained it, so 6 (not 3)
+    assert (state["q.lora_B.weight"] @ state["q.lora_A.weight"]).item() == pytest.approx(3.0)
+    assert (state["v.lora_B.weight"] @ state["v.lora_A.weight"]).item() == pytest.approx(6.0)
+
+
+def test_scales_weight_heterogeneous_ranks() -> None:
+    # alpha/r differs by device: the update is scale * B A.
+    state, _ = exact_aggregate(
+        [_lora(np.array([[1.0]]), np.array([[1.0]])), _lora(np.array([[1.0]]), np.array([[1.0]]))],
+        [1, 1],
+        rank=1,
+        scales=[2.0, 4.0],
+    )
+    assert (state["m.lora_B.weight"] @ state["m.lora_A.weight"]).item() == pytest.approx(3.0)
+
+
+def test_each_device_gets_its_own_rank_truncation() -> None:
+    rng = np.random.default_rng(0)
+    b, a = rng.normal(size=(5, 4)), rng.normal(size=(4, 6))
+    small = truncate_state(_lora(b, a), 2)
+    assert small["m.lora_B.weight"].shape == (5, 2) and small["m.lora_A.weight"].shape == (2, 6)
+    s = np.linalg.svd(b @ a, compute_uv=False)
+    err = np.linalg.norm(b @ a - small["m.lora_B.weight"] @ small["m.lora_A.weight"])
+    assert err == pytest.approx(np.sqrt(np.sum(s[2:] ** 2)), rel=1e-4)
+
+
+def test_fedavg_differs_from_exact_on_the_same_updates() -> None:
+    b1, a1 = np.array([[1.0], [0.0]]), np.array([[1.0, 0.0]])
+    b2, a2 = np.array([[0.0], [1.0]]), np.array([[0.0, 1.0]])
+    states = [_lora(b1, a1), _lora(b2, a2)]
+    avg = weighted_average(states, [1, 1])
+    exact, _ = exact_aggregate(states, [1, 1], rank=2)
+    np.testing.assert_allclose(
+        avg["m.lora_B.weight"] @ avg["m.lora_A.weight"], [[0.25, 0.25], [0.25, 0.25]]
+    )
+    np.testing.assert_allclose(
+        exact["m.lora_B.weight"] @ exact["m.lora_A.weight"], [[0.5, 0], [0, 0.5]], atol=1e-9
+    )

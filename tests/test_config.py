@@ -61,7 +61,7 @@ def test_override_string_is_shell_split() -> None:
         ("train.lr=-1", "train.lr=-1.0 is out of range"),
         (
             "strategy.aggregation=median",
-            "strategy.aggregation='median' is not allowed; expected one of ['fedavg']",
+            "strategy.aggregation='median' is not allowed; expected one of ['fedavg', 'exact']",
         ),
         ("partition.by=act", "partition.by='act' is not allowed"),
         ("data=jsonl", "data.path"),

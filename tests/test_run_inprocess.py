@@ -161,3 +161,16 @@ def test_server_training_joins_the_average(tmp_path, server_identity, device_dis
         finals.append(read_metrics(run_dir / "metrics.jsonl")[1])
     assert finals[0]["server_train_loss"] is not None and finals[1]["server_train_loss"] is None
     assert finals[0]["plugin_ppl"] != finals[1]["plugin_ppl"]
+
+
+def test_exact_aggregation_runs_and_reports_its_truncation(
+    tmp_path, server_identity, device_disks
+) -> None:
+    cfg = compose("experiment=tiny rounds=2 strategy.aggregation=exact")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(3), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    # 3 devices + the server, each rank 8, truncated back to rank 8: something is discarded.
+    assert all(r["truncation_error"] is not None and r["truncation_error"] >= 0 for r in rows[1:])
+    assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
