@@ -9,6 +9,18 @@ import numpy as np
 State = Mapping[str, np.ndarray]
 
 
+def _checked_weights(states: Sequence[State], weights: Sequence[float]) -> np.ndarray:
+    """The weights as float64, after checking there is something to weigh and they make sense."""
+    if not states:
+        raise ValueError("nothing to aggregate: no states")
+    if len(states) != len(weights):
+        raise ValueError(f"{len(states)} states but {len(weights)} weights")
+    w = np.asarray(weights, dtype=np.float64)
+    if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
+        raise ValueError(f"weights must be finite, non-negative and not all zero; got {list(w)}")
+    return w
+
+
 def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[str, np.ndarray]:
     """FedAvg of adapter states: `sum_i w_i * s_i / sum_i w_i`, key by key, in float64.
 
@@ -18,13 +30,7 @@ def weighted_average(states: Sequence[State], weights: Sequence[float]) -> dict[
     Raises ValueError on no states, a length mismatch, negative or all-zero weights, or states
     whose keys or shapes differ.
     """
-    if not states:
-        raise ValueError("nothing to aggregate: no states")
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero; got {list(w)}")
+    w = _checked_weights(states, weights)
     keys = set(states[0])
     for i, s in enumerate(states[1:], start=1):
         if set(s) != keys:
@@ -99,13 +105,7 @@ def exact_aggregate(
     Returns the aggregated state (float32, A: rank x in, B: out x rank) and, per module, the
     truncation error ||dW - B A||_F.
     """
-    if not states:
-        raise ValueError("nothing to aggregate: no states")
-    if len(states) != len(weights):
-        raise ValueError(f"{len(states)} states but {len(weights)} weights")
-    w = np.asarray(weights, dtype=np.float64)
-    if np.any(w < 0) or not np.isfinite(w).all() or w.sum() <= 0:
-        raise ValueError(f"weights must be finite, non-negative and not all zero; got {list(w)}")
+    w = _checked_weights(states, weights)
     s = np.ones(len(states)) if scales is None else np.asarray(scales, dtype=np.float64)
     modules: dict[str, tuple[str, str]] = {}
     for state in states:
