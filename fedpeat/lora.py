@@ -118,11 +118,3 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> None
         for k in current
     }
     set_peft_model_state_dict(model, tensors)
-
-
-def adapter_bytes(state: Mapping[str, np.ndarray]) -> int:
-    return int(sum(v.nbytes for v in state.values()))
-
-
-def clear_cache() -> None:
-    _LORA_MODELS.clear()

@@ -255,9 +255,3 @@ def describe(model: Any) -> dict[str, Any]:
         "layers": int(getattr(model.config, "num_hidden_layers", 0)),
         "hidden_size": int(getattr(model.config, "hidden_size", 0)),
     }
-
-
-def clear_cache() -> None:
-    """Forget cached models and tokenizers (tests)."""
-    _MODELS.clear()
-    _TOKENIZERS.clear()
