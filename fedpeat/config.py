@@ -8,6 +8,7 @@ field and what is allowed. Everything fails here, before any model is loaded or 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ MODEL_SOURCES = ("gguf", "tiny", "hf")
 DATA_SOURCES = ("shakespeare", "jsonl", "hf")
 PARTITIONERS = ("natural", "iid", "dirichlet")
 AGGREGATIONS = ("fedavg", "exact")
+BITS = (4, 8, 16, 32)
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMULATOR_CASES = (1, 2, 3)
 WIRE_DTYPES = ("float16", "float32")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -120,11 +123,16 @@ class AdapterConfig:
     """The LoRA adapter every device trains."""
 
     r: int = 8
-    alpha: int = 16
+    alpha: float = 16.0
+    """LoRA scale is alpha / r; the planner keeps that scale when it changes a device's rank."""
     dropout: float = 0.0
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
     )
+    """Projection names that carry LoRA in every adapter layer (when `modules` is empty)."""
+    modules: list[str] = field(default_factory=list)
+    """Explicit weight matrices in full-model layer indices, e.g. `layers.28.self_attn.q_proj`;
+    they replace `target_modules` x adapter layers, and the planner's importance choice."""
 
 
 @dataclass
@@ -180,6 +188,14 @@ class DeviceProfile:
     name: str = "device"
     memory_mb: float = 1024.0
     """Memory the device may use for training."""
+    gflops: float = 20.0
+    """Sustained training throughput in GFLOP/s (the round-time estimate)."""
+    bandwidth_mhz: float = 1.0
+    """Wireless channel bandwidth B of the Shannon rate."""
+    power_dbm: float = 23.0
+    """Transmit power p."""
+    distance_m: float = 100.0
+    """Distance to the base station (path loss 128.1 + 37.6 log10(d_km) dB)."""
 
 
 @dataclass
@@ -213,6 +229,36 @@ class StrategyConfig:
 
 
 @dataclass
+class PlannerConfig:
+    """FedPipe planning: which weight matrices carry LoRA (importance), and per device the LoRA
+    rank, batch size and bit-width of the frozen weights (a mixed-integer program)."""
+
+    enabled: bool = False
+    candidates: list[str] = field(default_factory=lambda: list(PROJECTIONS))
+    """Projections scored for importance in the adapter-eligible layers."""
+    calibration_batches: int = 4
+    """Server training batches over which |W * dL/dW| is averaged."""
+    budget_fraction: float = 0.5
+    """Adapter parameters allowed, as a share of LoRA on every candidate at the server rank."""
+    server_rank: int = 16
+    """Rank of the global adapter; device ranks are truncations of it (at most this)."""
+    ranks: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 2, 4])
+    bits: list[int] = field(default_factory=lambda: [4, 8, 16, 32])
+    """Bit-widths the frozen weights may be quantized to (4: NF4, 8: int8, 16: bf16, 32)."""
+    bit_fidelity: list[float] = field(default_factory=lambda: [0.9, 0.97, 0.99, 1.0])
+    """Value of a step at each of `bits` relative to 32-bit (quantization error costs quality)."""
+    module_shares: list[float] = field(default_factory=lambda: [1.0, 0.5])
+    """A device may train the most important share of the chosen modules only."""
+    deadline_s: float = 0.0
+    """Estimated round time (compute + transmission) each device must meet; 0: no deadline."""
+    upload_mb: float = 0.0
+    """Total adapter upload the server accepts per round; 0: unlimited (couples the devices)."""
+    runtime_mb: float = 0.0
+    """Fixed per-process allowance added to every memory estimate (framework, allocator)."""
+
+
+@dataclass
 class Config:
     """Root of the composed configuration (conf/config.yaml)."""
 
@@ -227,6 +273,9 @@ class Config:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    export_merged: bool = True
+    """Also write `merged/`: the full model with the adapter merged in (plain transformers)."""
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -280,7 +329,7 @@ def validate(cfg: Config) -> Config:
         _choice("partition.by", p.by, ("play", "role"))
 
     _range("adapter.r", a.r, 1)
-    _range("adapter.alpha", a.alpha, 1)
+    _range("adapter.alpha", a.alpha, 0.0, lo_open=True)
     _range("adapter.dropout", a.dropout, 0.0, 0.9)
     if not a.target_modules:
         raise ConfigError("adapter.target_modules is empty; name at least one module, e.g. q_proj")
@@ -323,8 +372,52 @@ def validate(cfg: Config) -> Config:
     for i, prof in enumerate(cfg.devices.profiles):
         _range(f"devices.profiles[{i}].memory_mb", prof.memory_mb, 0.0, lo_open=True)
 
+    for i, prof in enumerate(cfg.devices.profiles):
+        for name in ("gflops", "bandwidth_mhz", "distance_m"):
+            _range(f"devices.profiles[{i}].{name}", getattr(prof, name), 0.0, lo_open=True)
+    for i, name in enumerate(a.modules):
+        if not re.fullmatch(r"layers\.\d+\.[A-Za-z_.]+", name):
+            raise ConfigError(
+                f"adapter.modules[{i}]={name!r} is not a weight matrix name; "
+                "expected e.g. 'layers.28.self_attn.q_proj'"
+            )
+    _validate_planner(cfg.planner)
     _range("rounds", cfg.rounds, 1)
     return cfg
+
+
+def _validate_planner(pl: PlannerConfig) -> None:
+    if not pl.candidates:
+        raise ConfigError("planner.candidates is empty; name at least one projection")
+    for i, name in enumerate(pl.candidates):
+        _choice(f"planner.candidates[{i}]", name, PROJECTIONS)
+    _range("planner.calibration_batches", pl.calibration_batches, 1)
+    _range("planner.budget_fraction", pl.budget_fraction, 0.0, 1.0, lo_open=True)
+    _range("planner.server_rank", pl.server_rank, 1)
+    for name in ("ranks", "batch_sizes", "bits", "module_shares"):
+        if not getattr(pl, name):
+            raise ConfigError(f"planner.{name} is empty; give at least one value")
+    for i, r in enumerate(pl.ranks):
+        _range(f"planner.ranks[{i}]", r, 1, pl.server_rank)
+    for i, b in enumerate(pl.batch_sizes):
+        _range(f"planner.batch_sizes[{i}]", b, 1)
+    for i, b in enumerate(pl.bits):
+        if b not in BITS:
+            raise ConfigError(
+                f"planner.bits[{i}]={b!r} is not allowed; expected one of {list(BITS)}"
+            )
+    if len(pl.bit_fidelity) != len(pl.bits):
+        raise ConfigError(
+            f"planner.bit_fidelity has {len(pl.bit_fidelity)} values for "
+            f"{len(pl.bits)} planner.bits; give one per bit-width"
+        )
+    for i, f in enumerate(pl.bit_fidelity):
+        _range(f"planner.bit_fidelity[{i}]", f, 0.0, 1.0, lo_open=True)
+    for i, f in enumerate(pl.module_shares):
+        _range(f"planner.module_shares[{i}]", f, 0.0, 1.0, lo_open=True)
+    _range("planner.deadline_s", pl.deadline_s, 0.0)
+    _range("planner.upload_mb", pl.upload_mb, 0.0)
+    _range("planner.runtime_mb", pl.runtime_mb, 0.0)
 
 
 def _register_schema() -> None:

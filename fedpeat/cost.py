@@ -1,8 +1,11 @@
 """Cost model: pure functions of model shape and plan, units in their names and docstrings.
 
-Memory of one local LoRA training step (the level chooser and, later, the planner use it):
+Memory of one local LoRA training step (the level chooser and the planner use it):
 
-  frozen weights      n_frozen * bits / 8
+  frozen weights      n_linear * bits_eff / 8 + (n_frozen - n_linear) * compute bytes
+                      (bitsandbytes quantizes the decoder's linear layers only; NF4 stores one
+                      fp32 absmax per 64 weights, so 4-bit costs 4.5 bits; below the compute
+                      width the largest matrix is also dequantized once per forward)
   adapter             n_adapter * 4 bytes * 4   (fp32 weights, grads, Adam m and v)
   activations         layers * b * s * h * (34 + 5 * a * s / h) * act_bytes / 2
                       (Korthikanti et al. 2022, per transformer layer, which counts 16-bit
@@ -13,10 +16,18 @@ Memory of one local LoRA training step (the level chooser and, later, the planne
 
 With LoRA the backward pass runs through every layer above the lowest adapter, so all layers'
 activations are kept: activations scale with the emulator's depth.
+
+Time of one round on a device (the planner's deadline; the controller's latency):
+
+  rate          B log2(1 + p g / (N0 B)), g = 10^(-(128.1 + 37.6 log10 d_km) / 10) * |h|^2,
+                N0 = -174 dBm/Hz (|h|^2 = 1 without fading)
+  transmission  (emulator bytes if sent + adapter bytes down) / rate + adapter bytes up / rate
+  compute       tokens * 4 * N_emulator / FLOP/s   (LoRA: forward 2N, backward through frozen 2N)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 MiB = 2**20
@@ -32,6 +43,10 @@ class ModelShape:
     hidden: int
     heads: int
     vocab: int
+    linear_params: int = 0
+    """Weights of the decoder layers' linear projections: what bitsandbytes quantizes."""
+    max_linear: int = 0
+    """Elements of the largest such matrix (dequantized transiently in a quantized forward)."""
 
 
 def activation_bytes(shape: ModelShape, batch: int, seq: int, act_bytes: int = 4) -> float:
@@ -45,6 +60,20 @@ def logits_bytes(shape: ModelShape, batch: int, seq: int) -> float:
     return 3.0 * batch * seq * shape.vocab * 4
 
 
+NF4_BITS = 4.5  # 4 bits + one fp32 absmax per 64-weight block
+
+
+def weight_bytes(shape: ModelShape, bits: int, compute_bits: int = 32) -> float:
+    """Frozen weights when the linear projections are stored at `bits` and the rest (embeddings,
+    norms) at `compute_bits`; equal widths give params * bits / 8."""
+    if bits >= compute_bits:
+        return shape.params * bits / 8
+    stored = NF4_BITS if bits == 4 else bits
+    rest = shape.params - shape.linear_params
+    transient = shape.max_linear * compute_bits / 8
+    return shape.linear_params * stored / 8 + rest * compute_bits / 8 + transient
+
+
 def training_memory_bytes(
     shape: ModelShape,
     adapter_params: int,
@@ -53,9 +82,13 @@ def training_memory_bytes(
     bits: int = 32,
     act_bytes: int = 4,
     runtime_bytes: float = 0.0,
+    compute_bits: int | None = None,
 ) -> float:
-    """Estimated peak bytes of one LoRA training step (see the module docstring)."""
-    weights = shape.params * bits / 8
+    """Estimated peak bytes of one LoRA training step (see the module docstring).
+
+    `compute_bits` is the width of the unquantized weights (default `bits`: every weight at
+    `bits`, the plain fp32 / bf16 model)."""
+    weights = weight_bytes(shape, bits, bits if compute_bits is None else compute_bits)
     adapter = adapter_params * 4 * 4
     return (
         weights
@@ -72,3 +105,36 @@ def choose_level(
     """The highest keep ratio whose estimated need fits the budget, or None if none fits."""
     fitting = [lv for lv in levels if need_bytes[lv] <= budget_bytes]
     return max(fitting) if fitting else None
+
+
+# --------------------------------------------------------------------------- time
+
+N0_DBM_PER_HZ = -174.0
+
+
+def dbm_to_watt(dbm: float) -> float:
+    return float(10 ** ((dbm - 30.0) / 10.0))
+
+
+def path_loss_db(distance_m: float) -> float:
+    """Urban macro-cell path loss 128.1 + 37.6 log10(d in km), in dB."""
+    return 128.1 + 37.6 * math.log10(distance_m / 1000.0)
+
+
+def rate_bps(
+    bandwidth_hz: float, power_dbm: float, distance_m: float, fading: float = 1.0
+) -> float:
+    """Shannon rate of the device's link in bit/s; `fading` is the Rayleigh |h|^2 draw."""
+    gain = 10 ** (-path_loss_db(distance_m) / 10.0) * fading
+    noise = dbm_to_watt(N0_DBM_PER_HZ) * bandwidth_hz
+    return bandwidth_hz * math.log2(1.0 + dbm_to_watt(power_dbm) * gain / noise)
+
+
+def transmission_s(bytes_down: float, bytes_up: float, rate_down: float, rate_up: float) -> float:
+    """Seconds to receive `bytes_down` and send `bytes_up` at the given rates (bit/s)."""
+    return 8.0 * bytes_down / rate_down + 8.0 * bytes_up / rate_up
+
+
+def compute_s(tokens: float, params: int, flops: float, full_finetune: bool = False) -> float:
+    """Seconds of local training: tokens * (4N for LoRA, 6N for full fine-tuning) / FLOP/s."""
+    return tokens * (6 if full_finetune else 4) * params / flops

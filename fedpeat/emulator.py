@@ -375,3 +375,11 @@ def to_full_keys(
 ) -> dict[str, np.ndarray]:
     """This emulator's adapter keys -> full-model layer indices."""
     return remap_layers(state, dict(enumerate(emulator_layers)))
+
+
+def to_emulator_modules(modules: Sequence[str], emulator_layers: Sequence[int]) -> list[str]:
+    """Weight-matrix names (`layers.28.self_attn.q_proj`, full-model indices) -> this emulator's
+    indices; a name outside the emulator is an error."""
+    mapping = {full: j for j, full in enumerate(emulator_layers)}
+    renamed = remap_layers({"." + name: np.zeros(0) for name in modules}, mapping)
+    return [key[1:] for key in renamed]

@@ -17,6 +17,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from fedpeat.config import AdapterConfig, ModelConfig, to_dict
 from fedpeat.model import load_model
+from fedpeat.quantization import quantize_frozen
 
 AdapterState = dict[str, np.ndarray]
 
@@ -28,13 +29,19 @@ class AdapterStateError(ValueError):
 
 
 def lora_config(cfg: AdapterConfig, layers: Sequence[int] | None = None) -> LoraConfig:
-    """PEFT config; `layers` restricts the adapters to those decoder layers (None: all)."""
+    """PEFT config; `layers` restricts the adapters to those decoder layers (None: all).
+
+    With explicit `cfg.modules` (`layers.28.self_attn.q_proj`) those matrices alone get LoRA:
+    PEFT matches a list entry against the end of a module's dotted name.
+    """
+    explicit = bool(cfg.modules)
     return LoraConfig(
         r=cfg.r,
-        lora_alpha=cfg.alpha,
+        # PEFT types alpha as int but only divides by it: a device's alpha keeps alpha / r.
+        lora_alpha=cfg.alpha,  # type: ignore[arg-type]
         lora_dropout=cfg.dropout,
-        target_modules=list(cfg.target_modules),
-        layers_to_transform=list(layers) if layers is not None else None,
+        target_modules=list(cfg.modules) if explicit else list(cfg.target_modules),
+        layers_to_transform=list(layers) if layers is not None and not explicit else None,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -44,9 +51,17 @@ def attach_lora(
     base: torch.nn.Module, cfg: AdapterConfig, seed: int = 0, layers: Sequence[int] | None = None
 ) -> PeftModel:
     """Wrap `base` with fresh LoRA layers (A random with `seed`, B zero: a no-op at start)."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
+    full_names = [name for name, _ in base.named_modules()]
+    if cfg.modules:
+        absent = [m for m in cfg.modules if not any(n.endswith("." + m) for n in full_names)]
+        if absent:
+            raise AdapterStateError(
+                f"adapter.modules {absent[:3]} are not weight matrices of the model "
+                f"(names look like {next(n for n in full_names if n.endswith('q_proj'))})"
+            )
+    names = {name.rsplit(".", 1)[-1] for name in full_names}
     missing = [m for m in cfg.target_modules if m not in names]
-    if missing:
+    if missing and not cfg.modules:
         raise AdapterStateError(
             f"adapter.target_modules {missing} are not modules of the model; "
             f"linear layers it has include {sorted(n for n in names if n.endswith('proj'))}"
@@ -65,18 +80,22 @@ def lora_model(
     adapter_cfg: AdapterConfig,
     device: torch.device | str = "cpu",
     layers: Sequence[int] | None = None,
+    bits: int = 0,
 ) -> PeftModel:
     """A LoRA-wrapped copy of the full base model, cached per process (clients reuse it).
 
-    Its adapter weights are always overwritten with `set_adapter_state` before use.
+    `bits` quantizes its frozen weights (`fedpeat.quantization`; 0: as loaded). Its adapter
+    weights are always overwritten with `set_adapter_state` before use.
     """
     key = json.dumps(
-        [to_dict(model_cfg), to_dict(adapter_cfg), str(device), layers], sort_keys=True
+        [to_dict(model_cfg), to_dict(adapter_cfg), str(device), layers, bits], sort_keys=True
     )
     if key not in _LORA_MODELS:
         # An uncached base: get_peft_model injects layers in place, and the plain cached base
         # must stay plain (emulators are cut from it).
-        base = load_model(model_cfg, device, cached=False)
+        base = load_model(model_cfg, "cpu" if bits else device, cached=False)
+        if bits:
+            quantize_frozen(base, bits, torch.device(device))
         _LORA_MODELS[key] = attach_lora(base, adapter_cfg, layers=layers)
     return _LORA_MODELS[key]
 

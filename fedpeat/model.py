@@ -237,6 +237,11 @@ def shape_of(model: Any) -> ModelShape:
         if p.data_ptr() not in seen:
             seen.add(p.data_ptr())
             params += p.numel()
+    linear = [
+        m.weight.numel()
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and ".layers." in f".{name}"
+    ]
     c = model.config
     return ModelShape(
         params=params,
@@ -244,6 +249,8 @@ def shape_of(model: Any) -> ModelShape:
         hidden=int(c.hidden_size),
         heads=int(c.num_attention_heads),
         vocab=int(c.vocab_size),
+        linear_params=int(sum(linear)),
+        max_linear=int(max(linear, default=0)),
     )
 
 

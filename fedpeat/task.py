@@ -48,11 +48,20 @@ from fedpeat.emulator import (
     save_package,
     select_layers,
     to_emulator_keys,
+    to_emulator_modules,
     to_full_keys,
     unpackage,
 )
+from fedpeat.importance import (
+    candidate_modules,
+    choose_modules,
+    importance_scores,
+    lora_params,
+    top_share,
+)
 from fedpeat.lora import AdapterState, attach_lora, get_adapter_state, lora_model, set_adapter_state
 from fedpeat.model import cache_dir, load_model, load_tokenizer, resolve_device, shape_of
+from fedpeat.quantization import compute_dtype, quantize_frozen
 from fedpeat.train import EvalResult, TrainResult, evaluate_ppl, local_train
 
 
@@ -95,6 +104,9 @@ class Plan:
     """Full-model layers that carry LoRA; None: every layer (case 3)."""
     seed: int = 42
     server_round: int = 0
+    bits: int = 0
+    """Width the device stores its frozen weights in (4: NF4, 8: int8, 16: bf16, 32); 0: the
+    model's dtype, unquantized."""
 
     @classmethod
     def from_config(
@@ -185,13 +197,18 @@ def _emulator_model(
     """
     ref = plan.emulator
     if not ref.digest:
-        return lora_model(plan.model, plan.adapter, device, plan.adapter_layers), None
-    key = f"{ref.digest}:{json.dumps(to_dict(plan.adapter), sort_keys=True)}:{device}"
+        model = lora_model(plan.model, plan.adapter, device, plan.adapter_layers, plan.bits)
+        return model, None
+    key = f"{ref.digest}:{json.dumps(to_dict(plan.adapter), sort_keys=True)}:{device}:{plan.bits}"
     if key not in _EMULATORS:
         pkg = load_package(device_cache(node_key), ref.digest)  # verifies; drops a corrupt file
-        emulator = unpackage(pkg, dtype=getattr(torch, plan.model.dtype), verify=False)
-        emulator.model.to(device)  # type: ignore[arg-type]
-        _EMULATORS[key] = attach_lora(emulator.model, plan.adapter, layers=emulator.adapter_layers)
+        dtype = compute_dtype(plan.bits, getattr(torch, plan.model.dtype))
+        emulator = unpackage(pkg, dtype=dtype, verify=False)
+        quantize_frozen(emulator.model, plan.bits, device)
+        adapter = plan.adapter
+        if adapter.modules:  # full-model names -> this emulator's layer indices
+            adapter = replace(adapter, modules=to_emulator_modules(adapter.modules, ref.layers))
+        _EMULATORS[key] = attach_lora(emulator.model, adapter, layers=emulator.adapter_layers)
         while len(_EMULATORS) > _EMULATOR_SLOTS:
             _EMULATORS.popitem(last=False)
     _EMULATORS.move_to_end(key)
@@ -262,14 +279,76 @@ class ServerModel:
         e = cfg.emulator
         # Cases 1 and 2 put adapters on the adapter region only, so they exist in every emulator.
         self.adapter_layers = None if e.case == 3 else adapter_region(n_layers, e.bottom, e.top)
-        self.model = lora_model(cfg.model, cfg.adapter, self.device, self.adapter_layers)
+        self.scores: dict[str, float] = {}
+        self.importance: dict[str, Any] = {}
+        self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.adapter_cfg = self._global_adapter() if cfg.planner.enabled else cfg.adapter
+        self.model = lora_model(cfg.model, self.adapter_cfg, self.device, self.adapter_layers)
         # Fresh LoRA: A random (seeded), B zero, so the plug-in starts equal to the base model.
         self.initial_state = initial_adapter_state(get_adapter_state(self.model), cfg.seed)
         self.adapter_params = int(sum(v.size for v in self.initial_state.values()))
         prefix = dict(self.base.named_modules())[layer_prefix(self.base, n_layers)]
         self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in prefix]
+        self._layer_linear = [
+            sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
+            for layer in prefix
+        ]
         self._packages: dict[float, Package] = {}
         self.emulators: dict[float, Emulator] = {}
+
+    # -- FedPipe: which matrices carry LoRA
+
+    def _global_adapter(self) -> AdapterConfig:
+        """The global adapter under the planner: rank `planner.server_rank` (same alpha / r
+        scale), on the fixed `adapter.modules` or on the matrices importance chooses."""
+        pl, a = self.cfg.planner, self.cfg.adapter
+        candidates = candidate_modules(self.base, pl.candidates, self.adapter_layers)
+        self.module_shapes = {n: (m.out_features, m.in_features) for n, m in candidates.items()}
+        calibration = self.train_data or self.held_out
+        self.scores = importance_scores(
+            self.base,
+            candidates,
+            calibration,
+            self.cfg.train.batch_size,
+            pl.calibration_batches,
+            self.pad_id,
+            self.device,
+        )
+        costs = {n: lora_params(self.module_shapes, [n], pl.server_rank) for n in candidates}
+        budget = pl.budget_fraction * sum(costs.values())
+        if a.modules:
+            unknown = [m for m in a.modules if m not in candidates]
+            if unknown:
+                raise ValueError(
+                    f"adapter.modules {unknown[:3]} are not candidate matrices in the adapter "
+                    f"layers {self.adapter_layers}; e.g. {next(iter(candidates))}"
+                )
+            chosen, how = list(a.modules), "fixed by adapter.modules"
+        else:
+            chosen, how = choose_modules(self.scores, costs, budget), "importance"
+        self.importance = {
+            "method": "mean over calibration batches of sum |W * dL/dW|",
+            "calibration_batches": pl.calibration_batches,
+            "server_rank": pl.server_rank,
+            "budget_params": budget,
+            "chosen_params": sum(costs[m] for m in chosen),
+            "choice": how,
+            "chosen": chosen,
+            "scores": dict(sorted(self.scores.items(), key=lambda kv: -kv[1])),
+        }
+        scale = a.alpha / a.r
+        return replace(a, r=pl.server_rank, alpha=scale * pl.server_rank, modules=chosen)
+
+    def device_adapter(self, rank: int, share: float) -> AdapterConfig:
+        """A device's adapter: the most important `share` of the global modules at `rank`, with
+        the global alpha / r scale (so truncations and aggregates need no rescaling)."""
+        g = self.adapter_cfg
+        modules = top_share(self.scores, g.modules, share)
+        return replace(g, r=rank, alpha=g.alpha / g.r * rank, modules=modules)
+
+    def adapter_params_of(self, adapter: AdapterConfig) -> int:
+        """LoRA parameters of `adapter` (explicit modules) on this model."""
+        return lora_params(self.module_shapes, adapter.modules, adapter.r)
 
     # -- evaluation and training on the full model
 
@@ -324,17 +403,38 @@ class ServerModel:
         e = self.cfg.emulator
         kept = set(select_layers(full.layers, e.bottom, e.top, level))
         dropped = sum(n for i, n in enumerate(self._layer_params) if i not in kept)
-        return replace(full, params=full.params - dropped, layers=len(kept))
-
-    def memory_need_mb(self, level: float | None) -> float:
-        """Estimated training memory of one step on the emulator at `level` (None: full model)."""
-        shape = self.emulator_shape(level)
-        bits = torch.finfo(getattr(torch, self.cfg.model.dtype)).bits
-        t = self.cfg.train
-        need = training_memory_bytes(
-            shape, self.adapter_params, t.batch_size, self.cfg.data.max_length, bits
+        dropped_linear = sum(n for i, n in enumerate(self._layer_linear) if i not in kept)
+        return replace(
+            full,
+            params=full.params - dropped,
+            layers=len(kept),
+            linear_params=full.linear_params - dropped_linear,
         )
-        return need / MiB
+
+    def memory_need_mb(
+        self,
+        level: float | None,
+        bits: int = 0,
+        batch: int = 0,
+        adapter_params: int | None = None,
+    ) -> float:
+        """Estimated training memory of one step on the emulator at `level` (None: full model)
+        with frozen weights at `bits` (0: the model dtype), `batch` (0: train.batch_size) and
+        `adapter_params` (None: the global adapter's); plus `planner.runtime_mb`."""
+        shape = self.emulator_shape(level)
+        model_bits = torch.finfo(getattr(torch, self.cfg.model.dtype)).bits
+        bits = bits or model_bits
+        compute_bits = 16 if bits < model_bits else model_bits  # quantized: bf16 compute
+        need = training_memory_bytes(
+            shape,
+            self.adapter_params if adapter_params is None else adapter_params,
+            batch or self.cfg.train.batch_size,
+            self.cfg.data.max_length,
+            bits,
+            act_bytes=compute_bits // 8,
+            compute_bits=compute_bits,
+        )
+        return need / MiB + self.cfg.planner.runtime_mb
 
     def emulator_ppl(self, level: float, state: AdapterState | None = None) -> EvalResult:
         """Perplexity of the emulator (+ adapter `state`) on the server's held-out data."""
@@ -350,6 +450,16 @@ class ServerModel:
         finally:
             if isinstance(model, PeftModel):
                 model.unload()
+
+    def save_merged(self, state: AdapterState, directory: str) -> None:
+        """Write the full model with `state` merged into its weights, plus the tokenizer: a
+        plain transformers model (no PEFT needed, and no adapter cost in the forward pass)."""
+        base = load_model(self.cfg.model, self.device, cached=False)
+        peft_model = attach_lora(base, self.adapter_cfg, layers=self.adapter_layers)
+        set_adapter_state(peft_model, state)
+        merged = peft_model.merge_and_unload()
+        merged.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
 
     def save_adapter(self, state: AdapterState, directory: str, base_location: str) -> None:
         """Write a standard PEFT adapter directory for `state`."""

@@ -47,6 +47,14 @@ def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
     start = time.perf_counter()
     server = ServerModel(cfg)
     log(INFO, "model %s: %s", cfg.model.name, describe(server.model.get_base_model()))
+    if server.importance:
+        write_json_atomic(run_dir / "importance.json", server.importance)
+        log(
+            INFO,
+            "LoRA on %d matrices (%s)",
+            len(server.adapter_cfg.modules),
+            server.importance["choice"],
+        )
     strategy = FedPEAT(cfg, server)
     recorder = RoundRecorder(run_dir, cfg.rounds, strategy, server)
 
@@ -59,6 +67,8 @@ def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
     )
 
     server.save_adapter(recorder.state, str(run_dir / "adapter"), model_location(cfg.model))
+    if cfg.export_merged:
+        server.save_merged(recorder.state, str(run_dir / "merged"))
     rows = recorder.metrics.rows
     plot_metrics(rows, run_dir)
     summary = {

@@ -144,3 +144,62 @@ def truncate_state(state: State, rank: int) -> dict[str, np.ndarray]:
         b, a, _ = factorise(state[b_key] @ state[a_key], rank)
         out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
     return out
+
+
+# --------------------------------------------------------------------------- heterogeneous ranks
+
+
+def _of_module(key: str, modules: Sequence[str]) -> bool:
+    return any(f".{m}.lora_" in key for m in modules)
+
+
+def device_share(
+    state: State, modules: Sequence[str], rank: int, exact: bool
+) -> dict[str, np.ndarray]:
+    """What a device with `rank` that trains `modules` receives of the global adapter.
+
+    `exact`: each module's best rank-`rank` approximation of B A (its own rank's truncation,
+    FlexLoRA); otherwise the first `rank` rows of A and columns of B (HetLoRA's slice, what the
+    plain A/B average pairs with).
+    """
+    sub = {k: v for k, v in state.items() if _of_module(k, modules)}
+    if exact:
+        return truncate_state(sub, rank)
+    out = {}
+    for key, value in sub.items():
+        out[key] = value[:rank] if _A in key else value[:, :rank] if _B in key else value
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def pad_rank(state: State, rank: int) -> dict[str, np.ndarray]:
+    """Zero-pad every module's A (rows) and B (columns) up to `rank`."""
+    out = {}
+    for key, value in state.items():
+        if _A in key and value.shape[0] < rank:
+            value = np.vstack(
+                [value, np.zeros((rank - value.shape[0], value.shape[1]), value.dtype)]
+            )
+        elif _B in key and value.shape[1] < rank:
+            value = np.hstack(
+                [value, np.zeros((value.shape[0], rank - value.shape[1]), value.dtype)]
+            )
+        out[key] = value
+    return out
+
+
+def partial_average(
+    states: Sequence[State], weights: Sequence[float], rank: int
+) -> dict[str, np.ndarray]:
+    """FedAvg over states of different ranks and module sets: pad to `rank`, then average each
+    tensor over the states that hold it (weights renormalised per key)."""
+    w = _checked_weights(states, weights)
+    padded = [pad_rank(s, rank) for s in states]
+    out: dict[str, np.ndarray] = {}
+    for key in sorted({k for s in padded for k in s}):
+        members = [i for i, s in enumerate(padded) if key in s]
+        total = w[members].sum()
+        if total <= 0:
+            continue
+        acc = sum((w[i] / total) * padded[i][key].astype(np.float64) for i in members)
+        out[key] = np.asarray(acc).astype(np.float32)
+    return out

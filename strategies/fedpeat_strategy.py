@@ -13,7 +13,7 @@ import random
 import re
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from typing import Any
 
@@ -31,12 +31,20 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedpeat.config import Config
+from fedpeat.config import Config, DeviceProfile
+from fedpeat.data import partition_sizes
 from fedpeat.lora import AdapterStateError, check_adapter_state, state_shapes
 from fedpeat.protocol import ADAPTER_KEY, EMULATOR_KEY, METRICS_KEY, PLAN_KEY, PROFILE_KEY
 from fedpeat.task import EmulatorRef, Plan, ServerModel
-from strategies.aggregation import exact_aggregate, weighted_average, weighted_mean
+from strategies.aggregation import (
+    device_share,
+    exact_aggregate,
+    partial_average,
+    weighted_average,
+    weighted_mean,
+)
 from strategies.assign import Assignment, assign_levels
+from strategies.planning import DevicePlan, plan_devices, profile_of, smallest_need_mb
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Device errors that mean "I do not hold that emulator (any more)": resend it next time.
@@ -99,6 +107,13 @@ class DeviceRound:
     train_s: float | None = None
     peak_mem_mb: float | None = None
     status: str = "sent"
+    rank: int = 0
+    batch: int = 0
+    bits: int = 0
+    modules: list[str] = field(default_factory=list)
+    """Planner runs: the plan (rank, batch, bits, modules) and its estimates."""
+    est_memory_mb: float | None = None
+    est_time_s: float | None = None
 
 
 @dataclass
@@ -151,9 +166,12 @@ class FedPEAT(Strategy):
         self.rng = random.Random(cfg.seed)
         self.stats: dict[int, RoundStats] = {}
         self.profiles: dict[int, dict[str, Any]] = {}
+        self.device_profiles: dict[int, DeviceProfile] = {}
         self.holdings: dict[int, set[str]] = {}
         self.state: dict[str, np.ndarray] = dict(server.initial_state)
         self._plans: dict[int, Plan] = {}
+        self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._data_sizes: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ devices
 
@@ -194,13 +212,13 @@ class FedPEAT(Strategy):
                     ),
                 )
                 continue
-            prof = dict(reply.content.config_records[PROFILE_KEY])
-            memory = float(prof.get("memory-mb", -1.0))  # type: ignore[arg-type]
-            if memory <= 0:
-                # Simulation: the node does not know its budget; the devices= profile gives it.
-                profiles = self.cfg.devices.profiles
-                sim = profiles[int(prof["partition-id"]) % len(profiles)]  # type: ignore[arg-type]
-                prof["memory-mb"], prof["profile"] = sim.memory_mb, sim.name
+            prof: dict[str, Any] = dict(reply.content.config_records[PROFILE_KEY])
+            # Simulation: the node does not know its budget or link; the devices= profile does.
+            profiles = self.cfg.devices.profiles
+            sim = profiles[int(prof["partition-id"]) % len(profiles)]
+            self.device_profiles[node] = profile_of(prof, sim)
+            prof["memory-mb"] = self.device_profiles[node].memory_mb
+            prof["profile"] = self.device_profiles[node].name
             self.profiles[node] = prof
             self.holdings[node] = {d for d in str(prof.get("holds", "")).split(",") if d}
 
@@ -211,9 +229,40 @@ class FedPEAT(Strategy):
     def assign(self, nodes: list[int]) -> dict[int, Assignment]:
         e = self.cfg.emulator
         budgets = {n: float(self.profiles[n]["memory-mb"]) for n in nodes}
+        if self.cfg.planner.enabled:  # the level the cheapest plan fits; the program does the rest
+            return assign_levels(
+                e.case,
+                budgets,
+                list(e.levels),
+                e.shared_level,
+                lambda lv: smallest_need_mb(self.server, lv),
+            )
         return assign_levels(
             e.case, budgets, list(e.levels), e.shared_level, self.server.memory_need_mb
         )
+
+    def _data_size(self, node: int) -> int:
+        """The device's partition size (the planner's data term), from the shared data seed."""
+        n = int(self.profiles[node]["num-partitions"])
+        if n not in self._data_sizes:
+            self._data_sizes[n] = partition_sizes(self.cfg.data, self.cfg.partition, n)
+        return self._data_sizes[n][int(self.profiles[node]["partition-id"])]
+
+    def _plan(self, levels: dict[int, float]) -> dict[int, DevicePlan | str]:
+        """FedPipe plans for the devices in `levels`: rank, batch, bits, modules per device."""
+        case3 = self.cfg.emulator.case == 3
+        return plan_devices(
+            self.cfg,
+            self.server,
+            levels,
+            {n: self.device_profiles[n] for n in levels},
+            {n: self._data_size(n) for n in levels},
+            {n: 0.0 if case3 else float(self._emulator_bytes(n, lv)) for n, lv in levels.items()},
+        )
+
+    def _emulator_bytes(self, node: int, level: float) -> int:
+        pkg = self.server.package(level)
+        return 0 if pkg.digest in self.holdings.get(node, set()) else pkg.nbytes
 
     # ------------------------------------------------------------------ train
 
@@ -228,13 +277,28 @@ class FedPEAT(Strategy):
         ]
         stats.num_sampled = len(sampled)
         self.state = from_record(arrays)
-        self._plans = {}
+        self._plans, self._expected = {}, {}
         messages = []
-        for node, assignment in self.assign(sampled).items():
-            if assignment.level is None:
-                stats.skipped.append({"node": node, "reason": assignment.reason})
+        assignments = self.assign(sampled)
+        levels = {n: a.level for n, a in assignments.items() if a.level is not None}
+        plans = self._plan(levels) if self.cfg.planner.enabled else {}
+        for node, assignment in assignments.items():
+            device_plan = plans.get(node)
+            if assignment.level is None or isinstance(device_plan, str):
+                reason = assignment.reason or str(device_plan)
+                stats.skipped.append({"node": node, "reason": reason})
                 continue
-            content = RecordDict({ADAPTER_KEY: arrays})
+            adapter_record = arrays
+            if device_plan is not None:
+                share = device_share(
+                    self.state,
+                    device_plan.modules,
+                    device_plan.rank,
+                    self.cfg.strategy.aggregation == "exact",
+                )
+                adapter_record = to_record(share)
+            self._expected[node] = state_shapes(from_record(adapter_record))
+            content = RecordDict({ADAPTER_KEY: adapter_record})
             ref, sent_bytes = EmulatorRef(), 0
             if self.cfg.emulator.case != 3:
                 pkg = self.server.package(assignment.level)
@@ -247,17 +311,30 @@ class FedPEAT(Strategy):
                     stats.emulator_bytes += sent_bytes
             plan = Plan.from_config(self.cfg, server_round, ref)
             plan.adapter_layers = self.server.adapter_layers
+            if device_plan is not None:
+                plan.adapter = self.server.device_adapter(device_plan.rank, device_plan.share)
+                plan.train = replace(plan.train, batch_size=device_plan.batch)
+                plan.bits = device_plan.bits
             content[PLAN_KEY] = ConfigRecord({"plan": plan.to_json(), "server-round": server_round})
             self._plans[node] = plan
             down = content_bytes(content)
             stats.bytes_down += down
-            stats.devices[node] = DeviceRound(
+            row = DeviceRound(
                 node,
                 int(self.profiles[node]["partition-id"]),
                 assignment.level,
                 sent_bytes > 0,
                 down,
             )
+            if device_plan is not None:
+                row.rank, row.batch, row.bits = (
+                    device_plan.rank,
+                    device_plan.batch,
+                    device_plan.bits,
+                )
+                row.modules = list(device_plan.modules)
+                row.est_memory_mb, row.est_time_s = device_plan.memory_mb, device_plan.time_s
+            stats.devices[node] = row
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         log(
             INFO,
@@ -287,7 +364,7 @@ class FedPEAT(Strategy):
             return f"train_loss must be a finite number, got {loss!r}"
         try:
             state = from_record(content.array_records[ADAPTER_KEY])
-            check_adapter_state(self.shapes, state)
+            check_adapter_state(self._expected.get(msg.metadata.src_node_id, self.shapes), state)
         except (AdapterStateError, ValueError, TypeError) as err:
             return f"invalid adapter: {err}"
         return state, float(weight), metrics
@@ -347,11 +424,16 @@ class FedPEAT(Strategy):
         if not states:
             log(WARNING, "round %d: no valid update; keeping the previous adapter", server_round)
             return None, None
+        rank = self.server.adapter_cfg.r
         if self.cfg.strategy.aggregation == "exact":
-            merged, errors = exact_aggregate(states, weights, rank=self.cfg.adapter.r)
+            merged, errors = exact_aggregate(states, weights, rank=rank)
             stats.truncation_error = max(errors.values(), default=0.0)
+        elif self.cfg.planner.enabled:  # ranks and module sets differ: pad, average per tensor
+            merged = partial_average(states, weights, rank)
         else:
             merged = weighted_average(states, weights)
+        # A module no one trained this round keeps its value.
+        merged = {k: merged.get(k, v) for k, v in self.state.items()}
         return to_record(merged), MetricRecord({"train_loss": stats.train_loss or 0.0})
 
     # ------------------------------------------------------------------ evaluate
@@ -370,9 +452,19 @@ class FedPEAT(Strategy):
         messages = []
         for node in chosen:
             plan = self._plans[node]
+            record = arrays
+            if self.cfg.planner.enabled:
+                record = to_record(
+                    device_share(
+                        from_record(arrays),
+                        plan.adapter.modules,
+                        plan.adapter.r,
+                        self.cfg.strategy.aggregation == "exact",
+                    )
+                )
             content = RecordDict(
                 {
-                    ADAPTER_KEY: arrays,
+                    ADAPTER_KEY: record,
                     PLAN_KEY: ConfigRecord({"plan": plan.to_json(), "server-round": server_round}),
                 }
             )
@@ -406,12 +498,14 @@ class FedPEAT(Strategy):
         s, e = self.cfg.strategy, self.cfg.emulator
         log(
             INFO,
-            "FedPEAT: case %d, levels %s, aggregation=%s, fraction_train=%.2f, server_train=%s",
+            "FedPEAT: case %d, levels %s, aggregation=%s, fraction_train=%.2f, server_train=%s, "
+            "planner=%s",
             e.case,
             e.levels if e.case == 1 else e.shared_level,
             s.aggregation,
             s.fraction_train,
             s.server_train,
+            "on" if self.cfg.planner.enabled else "off",
         )
 
 

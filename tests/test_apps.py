@@ -93,7 +93,9 @@ def _strategy(cfg, shapes) -> FedPEAT:
     from types import SimpleNamespace
 
     cfg = replace(cfg, strategy=replace(cfg.strategy, server_train=False))
-    server = SimpleNamespace(initial_state=_state(0.0, shapes), adapter_layers=None)
+    server = SimpleNamespace(
+        initial_state=_state(0.0, shapes), adapter_layers=None, adapter_cfg=cfg.adapter
+    )
     return FedPEAT(cfg, server)  # type: ignore[arg-type]
 
 

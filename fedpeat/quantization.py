@@ -1,0 +1,88 @@
+"""Quantization of a device's frozen weights with bitsandbytes, chosen per device by the plan.
+
+  32  the model as it is (float32)
+  16  every weight and the compute in bfloat16 (fp16 overflows in training on CPU and lacks fast
+      kernels there; bf16 is what CUDA devices use as well)
+   8  decoder linear layers as LLM.int8 (`Linear8bitLt`), the rest and the compute in bfloat16
+   4  decoder linear layers as NF4 (`Linear4bit`), the rest and the compute in bfloat16 (QLoRA)
+
+Embeddings, norms and the LM head stay at the compute width, as in QLoRA; a quantized model
+computes in bf16 so its activations shrink with its weights. bitsandbytes 0.50
+runs 4-bit and int8 on CPU as well as CUDA. LoRA layers wrap the quantized layers unchanged:
+the adapter stays float32 and trains on the dequantized forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_LAYER = ".layers."
+
+
+def compute_dtype(bits: int, model_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the unquantized weights and activations under `bits` (0: the model's own)."""
+    return torch.bfloat16 if bits in (4, 8, 16) else model_dtype
+
+
+def quantize_frozen(model: torch.nn.Module, bits: int, device: torch.device) -> torch.nn.Module:
+    """Quantize `model` in place for training a LoRA adapter on it; returns it.
+
+    Call before attaching LoRA, with the weights on the CPU; the model ends up on `device`.
+    """
+    if bits in (0, 32):
+        return model.to(device)
+    if bits not in (4, 8, 16):
+        raise ValueError(f"bits={bits} is not supported; expected one of 4, 8, 16, 32")
+    model.to(torch.bfloat16)
+    if bits == 16:
+        return model.to(device)
+    import bitsandbytes as bnb  # lazily: it probes CUDA at import
+
+    targets = [
+        (parent, child_name, child)
+        for name, parent in model.named_modules()
+        for child_name, child in parent.named_children()
+        if isinstance(child, torch.nn.Linear) and _LAYER in f".{name}.{child_name}"
+    ]
+    for parent, child_name, linear in targets:
+        dtype = linear.weight.dtype
+        weight = linear.weight.data.to("cpu")
+        layer: torch.nn.Module
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                compute_dtype=dtype,
+                quant_type="nf4",
+                device="meta",
+            )
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(
+                linear.in_features,
+                linear.out_features,
+                bias=linear.bias is not None,
+                has_fp16_weights=False,
+                device="meta",
+            )
+            layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if linear.bias is not None:
+            layer.bias = torch.nn.Parameter(linear.bias.data.to("cpu"), requires_grad=False)
+        # Moving a bnb parameter onto a device is what quantizes it.
+        setattr(parent, child_name, layer.to(device))
+    return model.to(device)
+
+
+def quantized_linear_count(model: torch.nn.Module) -> dict[str, int]:
+    """How many linear layers are 4-bit, int8 or plain (for checks and logs)."""
+    counts = {"nf4": 0, "int8": 0, "plain": 0}
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind == "Linear4bit":
+            counts["nf4"] += 1
+        elif kind == "Linear8bitLt":
+            counts["int8"] += 1
+        elif isinstance(module, torch.nn.Linear):
+            counts["plain"] += 1
+    return counts

@@ -1,0 +1,144 @@
+"""Per-device plans for one round under the FedPipe planner: the option menus the allocation
+program chooses from, built from the server's cost-model estimates and the device profiles."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from fedpeat.allocation import Allocation, Option, allocate, option_value
+from fedpeat.config import Config, DeviceProfile
+from fedpeat.cost import MiB, compute_s, rate_bps, transmission_s
+from fedpeat.task import ServerModel
+
+
+@dataclass
+class DevicePlan:
+    """One device's plan: emulator level, rank, batch, bits and modules, with the estimates."""
+
+    level: float
+    rank: int
+    batch: int
+    bits: int
+    share: float
+    modules: list[str] = field(default_factory=list)
+    memory_mb: float = 0.0
+    time_s: float = 0.0
+    upload_mb: float = 0.0
+
+
+def link_rate_bps(profile: DeviceProfile) -> float:
+    """The device's mean Shannon rate (no fading: the planner plans on the average channel)."""
+    return rate_bps(profile.bandwidth_mhz * 1e6, profile.power_dbm, profile.distance_m)
+
+
+def importance_share(scores: Mapping[str, float], modules: list[str], chosen: list[str]) -> float:
+    """Share of the chosen modules' total importance that `modules` carry."""
+    total = sum(scores.get(m, 0.0) for m in chosen)
+    return sum(scores.get(m, 0.0) for m in modules) / total if total > 0 else 1.0
+
+
+def options_for(
+    server: ServerModel,
+    level: float,
+    profile: DeviceProfile,
+    data_size: int,
+    emulator_bytes: float,
+) -> list[Option]:
+    """Every (rank, batch, bits, share) the planner allows, with memory, time, upload, value.
+
+    `emulator_bytes` is what must still be sent to this device at `level` (0 if it holds it).
+    """
+    cfg = server.cfg
+    pl, t = cfg.planner, cfg.train
+    max_batch = max(pl.batch_sizes)
+    rate = link_rate_bps(profile)
+    params_emulator = server.emulator_shape(level).params
+    chosen = server.adapter_cfg.modules
+    out = []
+    for rank in pl.ranks:
+        for share in pl.module_shares:
+            adapter = server.device_adapter(rank, share)
+            n_adapter = server.adapter_params_of(adapter)
+            importance = importance_share(server.scores, adapter.modules, chosen)
+            adapter_bytes = 4.0 * n_adapter
+            for batch in pl.batch_sizes:
+                tokens = t.local_steps * batch * cfg.data.max_length
+                seconds = compute_s(tokens, params_emulator, profile.gflops * 1e9)
+                seconds += transmission_s(emulator_bytes + adapter_bytes, adapter_bytes, rate, rate)
+                for bits, fidelity in zip(pl.bits, pl.bit_fidelity, strict=True):
+                    out.append(
+                        Option(
+                            rank=rank,
+                            batch=batch,
+                            bits=bits,
+                            share=share,
+                            memory_mb=server.memory_need_mb(level, bits, batch, n_adapter),
+                            time_s=seconds,
+                            upload_mb=adapter_bytes / MiB,
+                            value=option_value(
+                                importance, rank, fidelity, data_size * batch / max_batch
+                            ),
+                        )
+                    )
+    return out
+
+
+def smallest_need_mb(server: ServerModel, level: float) -> float:
+    """Memory of the cheapest plan at `level` (the level chooser's test under the planner)."""
+    pl = server.cfg.planner
+    adapter = server.device_adapter(min(pl.ranks), min(pl.module_shares))
+    return server.memory_need_mb(
+        level, min(pl.bits), min(pl.batch_sizes), server.adapter_params_of(adapter)
+    )
+
+
+def plan_devices(
+    cfg: Config,
+    server: ServerModel,
+    levels: Mapping[int, float],
+    profiles: Mapping[int, DeviceProfile],
+    data_sizes: Mapping[int, int],
+    emulator_bytes: Mapping[int, float],
+) -> dict[int, DevicePlan | str]:
+    """Solve the allocation program for the devices in `levels` (node -> keep ratio)."""
+    menus = {
+        node: options_for(server, level, profiles[node], data_sizes[node], emulator_bytes[node])
+        for node, level in levels.items()
+    }
+    budgets = {node: profiles[node].memory_mb for node in levels}
+    allocations: dict[int, Allocation] = allocate(
+        menus, budgets, cfg.planner.deadline_s, cfg.planner.upload_mb
+    )
+    out: dict[int, DevicePlan | str] = {}
+    for node, alloc in allocations.items():
+        o = alloc.option
+        if o is None:
+            out[node] = alloc.reason
+            continue
+        out[node] = DevicePlan(
+            levels[node],
+            o.rank,
+            o.batch,
+            o.bits,
+            o.share,
+            server.device_adapter(o.rank, o.share).modules,
+            o.memory_mb,
+            o.time_s,
+            o.upload_mb,
+        )
+    return out
+
+
+def profile_of(prof: Mapping[str, Any], sim: DeviceProfile) -> DeviceProfile:
+    """A node's reported profile, with the simulated profile filling what it does not report."""
+    memory = float(prof.get("memory-mb", -1.0))
+    return DeviceProfile(
+        name=str(prof.get("profile", sim.name)),
+        memory_mb=memory if memory > 0 else sim.memory_mb,
+        gflops=float(prof.get("gflops", sim.gflops)),
+        bandwidth_mhz=float(prof.get("bandwidth-mhz", sim.bandwidth_mhz)),
+        power_dbm=float(prof.get("power-dbm", sim.power_dbm)),
+        distance_m=float(prof.get("distance-m", sim.distance_m)),
+    )
