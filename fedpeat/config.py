@@ -196,6 +196,8 @@ class DeviceProfile:
     """Transmit power p."""
     distance_m: float = 100.0
     """Distance to the base station (path loss 128.1 + 37.6 log10(d_km) dB)."""
+    bf16: bool = False
+    """Native bfloat16 compute; nodes report their own (simulated devices: the host's)."""
 
 
 @dataclass

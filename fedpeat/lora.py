@@ -81,21 +81,24 @@ def lora_model(
     device: torch.device | str = "cpu",
     layers: Sequence[int] | None = None,
     bits: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> PeftModel:
     """A LoRA-wrapped copy of the full base model, cached per process (clients reuse it).
 
-    `bits` quantizes its frozen weights (`fedpeat.quantization`; 0: as loaded). Its adapter
+    `bits` quantizes its frozen weights, computing in `dtype` (`fedpeat.quantization`; 0: as
+    loaded). Its adapter
     weights are always overwritten with `set_adapter_state` before use.
     """
     key = json.dumps(
-        [to_dict(model_cfg), to_dict(adapter_cfg), str(device), layers, bits], sort_keys=True
+        [to_dict(model_cfg), to_dict(adapter_cfg), str(device), layers, bits, str(dtype)],
+        sort_keys=True,
     )
     if key not in _LORA_MODELS:
         # An uncached base: get_peft_model injects layers in place, and the plain cached base
         # must stay plain (emulators are cut from it).
         base = load_model(model_cfg, "cpu" if bits else device, cached=False)
         if bits:
-            quantize_frozen(base, bits, torch.device(device))
+            quantize_frozen(base, bits, torch.device(device), dtype)
         _LORA_MODELS[key] = attach_lora(base, adapter_cfg, layers=layers)
     return _LORA_MODELS[key]
 

@@ -3,39 +3,61 @@
   32  the model as it is (float32)
   16  every weight and the compute in bfloat16 (fp16 overflows in training on CPU and lacks fast
       kernels there; bf16 is what CUDA devices use as well)
-   8  decoder linear layers as LLM.int8 (`Linear8bitLt`), the rest and the compute in bfloat16
-   4  decoder linear layers as NF4 (`Linear4bit`), the rest and the compute in bfloat16 (QLoRA)
+   8  decoder linear layers as LLM.int8 (`Linear8bitLt`), the rest at the compute dtype
+   4  decoder linear layers as NF4 (`Linear4bit`), the rest at the compute dtype (QLoRA)
 
-Embeddings, norms and the LM head stay at the compute width, as in QLoRA; a quantized model
-computes in bf16 so its activations shrink with its weights. bitsandbytes 0.50
-runs 4-bit and int8 on CPU as well as CUDA. LoRA layers wrap the quantized layers unchanged:
-the adapter stays float32 and trains on the dequantized forward.
+Embeddings, norms and the LM head stay at the compute dtype, as in QLoRA. The compute dtype of a
+quantized model is bfloat16 where the hardware runs it natively (CUDA, or a CPU with AVX512-BF16
+or AMX), so activations shrink with the weights; elsewhere bf16 is emulated and several times
+slower than fp32, so such devices compute in float32 and are not offered 16-bit plans.
+bitsandbytes 0.50 runs 4-bit and int8 on CPU as well as CUDA. LoRA layers wrap the quantized
+layers unchanged: the adapter stays float32 and trains on the dequantized forward.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 
 _LAYER = ".layers."
 
 
-def compute_dtype(bits: int, model_dtype: torch.dtype) -> torch.dtype:
-    """Dtype of the unquantized weights and activations under `bits` (0: the model's own)."""
-    return torch.bfloat16 if bits in (4, 8, 16) else model_dtype
+def fast_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bfloat16 natively (not emulated)."""
+    if device.type == "cuda":
+        return bool(torch.cuda.is_bf16_supported())
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def quantize_frozen(model: torch.nn.Module, bits: int, device: torch.device) -> torch.nn.Module:
+def compute_dtype(bits: int, model_dtype: torch.dtype, bf16: bool) -> torch.dtype:
+    """Dtype of the unquantized weights and activations under `bits` (0: unquantized) on a
+    device with (`bf16`) or without native bfloat16."""
+    if bits == 16 or (bits in (4, 8) and bf16):
+        return torch.bfloat16
+    return model_dtype
+
+
+def quantize_frozen(
+    model: torch.nn.Module, bits: int, device: torch.device, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """Quantize `model` in place for training a LoRA adapter on it; returns it.
 
-    Call before attaching LoRA, with the weights on the CPU; the model ends up on `device`.
+    `dtype` is the compute dtype (default: bf16 for 16 bits, else the model's). Call before
+    attaching LoRA, with the weights on the CPU; the model ends up on `device`.
     """
     if bits in (0, 32):
         return model.to(device)
     if bits not in (4, 8, 16):
         raise ValueError(f"bits={bits} is not supported; expected one of 4, 8, 16, 32")
-    model.to(torch.bfloat16)
     if bits == 16:
-        return model.to(device)
+        return model.to(device, torch.bfloat16)
+    if dtype is not None:
+        model.to(dtype)
     import bitsandbytes as bnb  # lazily: it probes CUDA at import
 
     targets = [
@@ -71,7 +93,22 @@ def quantize_frozen(model: torch.nn.Module, bits: int, device: torch.device) -> 
             layer.bias = torch.nn.Parameter(linear.bias.data.to("cpu"), requires_grad=False)
         # Moving a bnb parameter onto a device is what quantizes it.
         setattr(parent, child_name, layer.to(device))
+    del targets
+    release_freed_memory()
     return model.to(device)
+
+
+def release_freed_memory() -> None:
+    """Hand the freed full-width weights back to the OS (glibc keeps freed heap otherwise, and a
+    device's resident memory would stay at the unquantized size)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def quantized_linear_count(model: torch.nn.Module) -> dict[str, int]:

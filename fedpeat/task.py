@@ -61,7 +61,7 @@ from fedpeat.importance import (
 )
 from fedpeat.lora import AdapterState, attach_lora, get_adapter_state, lora_model, set_adapter_state
 from fedpeat.model import cache_dir, load_model, load_tokenizer, resolve_device, shape_of
-from fedpeat.quantization import compute_dtype, quantize_frozen
+from fedpeat.quantization import fast_bf16, quantize_frozen
 from fedpeat.train import EvalResult, TrainResult, evaluate_ppl, local_train
 
 
@@ -107,6 +107,9 @@ class Plan:
     bits: int = 0
     """Width the device stores its frozen weights in (4: NF4, 8: int8, 16: bf16, 32); 0: the
     model's dtype, unquantized."""
+    compute_dtype: str = ""
+    """Dtype a quantized model computes in (the server's memory estimate assumed it); empty:
+    the model's dtype."""
 
     @classmethod
     def from_config(
@@ -197,14 +200,15 @@ def _emulator_model(
     """
     ref = plan.emulator
     if not ref.digest:
-        model = lora_model(plan.model, plan.adapter, device, plan.adapter_layers, plan.bits)
+        dtype = getattr(torch, plan.compute_dtype or plan.model.dtype)
+        model = lora_model(plan.model, plan.adapter, device, plan.adapter_layers, plan.bits, dtype)
         return model, None
     key = f"{ref.digest}:{json.dumps(to_dict(plan.adapter), sort_keys=True)}:{device}:{plan.bits}"
     if key not in _EMULATORS:
         pkg = load_package(device_cache(node_key), ref.digest)  # verifies; drops a corrupt file
-        dtype = compute_dtype(plan.bits, getattr(torch, plan.model.dtype))
+        dtype = getattr(torch, plan.compute_dtype or plan.model.dtype)
         emulator = unpackage(pkg, dtype=dtype, verify=False)
-        quantize_frozen(emulator.model, plan.bits, device)
+        quantize_frozen(emulator.model, plan.bits, device, dtype)
         adapter = plan.adapter
         if adapter.modules:  # full-model names -> this emulator's layer indices
             adapter = replace(adapter, modules=to_emulator_modules(adapter.modules, ref.layers))
@@ -254,6 +258,7 @@ def device_profile(
         "num-partitions": num_partitions,
         "memory-mb": -1.0 if memory_mb is None else float(memory_mb),
         "compute": "cuda" if torch.cuda.is_available() else "cpu",
+        "bf16": fast_bf16(resolve_device("auto")),
         # A comma-joined string, not a list: Flower cannot size an empty list in a ConfigRecord.
         "holds": ",".join(held_emulators(node_key)),
     }
@@ -282,6 +287,7 @@ class ServerModel:
         self.scores: dict[str, float] = {}
         self.importance: dict[str, Any] = {}
         self.module_shapes: dict[str, tuple[int, int]] = {}
+        self.model_bits = torch.finfo(getattr(torch, cfg.model.dtype)).bits
         self.adapter_cfg = self._global_adapter() if cfg.planner.enabled else cfg.adapter
         self.model = lora_model(cfg.model, self.adapter_cfg, self.device, self.adapter_layers)
         # Fresh LoRA: A random (seeded), B zero, so the plug-in starts equal to the base model.
@@ -417,14 +423,17 @@ class ServerModel:
         bits: int = 0,
         batch: int = 0,
         adapter_params: int | None = None,
+        compute_bits: int | None = None,
     ) -> float:
         """Estimated training memory of one step on the emulator at `level` (None: full model)
-        with frozen weights at `bits` (0: the model dtype), `batch` (0: train.batch_size) and
-        `adapter_params` (None: the global adapter's); plus `planner.runtime_mb`."""
+        with frozen weights at `bits` (0: the model dtype), `batch` (0: train.batch_size),
+        `adapter_params` (None: the global adapter's) and activations and unquantized weights
+        at `compute_bits` (None: 16 for bits=16, else the model's); plus planner.runtime_mb."""
         shape = self.emulator_shape(level)
         model_bits = torch.finfo(getattr(torch, self.cfg.model.dtype)).bits
         bits = bits or model_bits
-        compute_bits = 16 if bits < model_bits else model_bits  # quantized: bf16 compute
+        if compute_bits is None:
+            compute_bits = 16 if bits == 16 else model_bits
         need = training_memory_bytes(
             shape,
             self.adapter_params if adapter_params is None else adapter_params,

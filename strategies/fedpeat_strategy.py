@@ -230,13 +230,17 @@ class FedPEAT(Strategy):
         e = self.cfg.emulator
         budgets = {n: float(self.profiles[n]["memory-mb"]) for n in nodes}
         if self.cfg.planner.enabled:  # the level the cheapest plan fits; the program does the rest
-            return assign_levels(
-                e.case,
-                budgets,
-                list(e.levels),
-                e.shared_level,
-                lambda lv: smallest_need_mb(self.server, lv),
-            )
+            out: dict[int, Assignment] = {}
+            for n in nodes:
+                prof = self.device_profiles[n]
+                out |= assign_levels(
+                    e.case,
+                    {n: budgets[n]},
+                    list(e.levels),
+                    e.shared_level,
+                    lambda lv, p=prof: smallest_need_mb(self.server, lv, p),  # type: ignore[misc]
+                )
+            return out
         return assign_levels(
             e.case, budgets, list(e.levels), e.shared_level, self.server.memory_need_mb
         )
@@ -315,6 +319,7 @@ class FedPEAT(Strategy):
                 plan.adapter = self.server.device_adapter(device_plan.rank, device_plan.share)
                 plan.train = replace(plan.train, batch_size=device_plan.batch)
                 plan.bits = device_plan.bits
+                plan.compute_dtype = device_plan.compute_dtype
             content[PLAN_KEY] = ConfigRecord({"plan": plan.to_json(), "server-round": server_round})
             self._plans[node] = plan
             down = content_bytes(content)

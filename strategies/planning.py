@@ -23,6 +23,7 @@ class DevicePlan:
     bits: int
     share: float
     modules: list[str] = field(default_factory=list)
+    compute_dtype: str = ""
     memory_mb: float = 0.0
     time_s: float = 0.0
     upload_mb: float = 0.0
@@ -37,6 +38,19 @@ def importance_share(scores: Mapping[str, float], modules: list[str], chosen: li
     """Share of the chosen modules' total importance that `modules` carry."""
     total = sum(scores.get(m, 0.0) for m in chosen)
     return sum(scores.get(m, 0.0) for m in modules) / total if total > 0 else 1.0
+
+
+def compute_bits(bits: int, profile: DeviceProfile, model_bits: int) -> int:
+    """Width of activations and unquantized weights: bf16 for 16-bit plans, and for quantized
+    ones on devices with native bf16; the model's width otherwise."""
+    if bits == 16 or (bits < model_bits and profile.bf16):
+        return 16
+    return model_bits
+
+
+def allowed_bits(pl_bits: list[int], profile: DeviceProfile) -> list[int]:
+    """16-bit plans only where bf16 is native (elsewhere it is emulated, several times slower)."""
+    return [b for b in pl_bits if b != 16 or profile.bf16]
 
 
 def options_for(
@@ -68,13 +82,16 @@ def options_for(
                 seconds = compute_s(tokens, params_emulator, profile.gflops * 1e9)
                 seconds += transmission_s(emulator_bytes + adapter_bytes, adapter_bytes, rate, rate)
                 for bits, fidelity in zip(pl.bits, pl.bit_fidelity, strict=True):
+                    if bits not in allowed_bits(pl.bits, profile):
+                        continue
+                    width = compute_bits(bits, profile, server.model_bits)
                     out.append(
                         Option(
                             rank=rank,
                             batch=batch,
                             bits=bits,
                             share=share,
-                            memory_mb=server.memory_need_mb(level, bits, batch, n_adapter),
+                            memory_mb=server.memory_need_mb(level, bits, batch, n_adapter, width),
                             time_s=seconds,
                             upload_mb=adapter_bytes / MiB,
                             value=option_value(
@@ -85,12 +102,16 @@ def options_for(
     return out
 
 
-def smallest_need_mb(server: ServerModel, level: float) -> float:
+def smallest_need_mb(server: ServerModel, level: float, profile: DeviceProfile) -> float:
     """Memory of the cheapest plan at `level` (the level chooser's test under the planner)."""
     pl = server.cfg.planner
     adapter = server.device_adapter(min(pl.ranks), min(pl.module_shares))
-    return server.memory_need_mb(
-        level, min(pl.bits), min(pl.batch_sizes), server.adapter_params_of(adapter)
+    params = server.adapter_params_of(adapter)
+    return min(
+        server.memory_need_mb(
+            level, b, min(pl.batch_sizes), params, compute_bits(b, profile, server.model_bits)
+        )
+        for b in allowed_bits(pl.bits, profile)
     )
 
 
@@ -124,6 +145,7 @@ def plan_devices(
             o.bits,
             o.share,
             server.device_adapter(o.rank, o.share).modules,
+            "bfloat16" if compute_bits(o.bits, profiles[node], server.model_bits) == 16 else "",
             o.memory_mb,
             o.time_s,
             o.upload_mb,
@@ -141,4 +163,5 @@ def profile_of(prof: Mapping[str, Any], sim: DeviceProfile) -> DeviceProfile:
         bandwidth_mhz=float(prof.get("bandwidth-mhz", sim.bandwidth_mhz)),
         power_dbm=float(prof.get("power-dbm", sim.power_dbm)),
         distance_m=float(prof.get("distance-m", sim.distance_m)),
+        bf16=bool(prof.get("bf16", sim.bf16)),
     )

@@ -23,7 +23,18 @@ def group_files() -> list[tuple[str, str]]:
 
 def test_every_group_has_files() -> None:
     groups = {g for g, _ in group_files()}
-    assert {"model", "data", "partition", "adapter", "train", "strategy", "experiment"} <= groups
+    assert {
+        "model",
+        "data",
+        "partition",
+        "adapter",
+        "train",
+        "strategy",
+        "emulator",
+        "devices",
+        "planner",
+        "experiment",
+    } <= groups
 
 
 @pytest.mark.parametrize(("group", "name"), group_files())
@@ -43,6 +54,7 @@ def test_default_composes_to_the_documented_default() -> None:
         "play",
     )
     assert cfg.rounds == 3 and cfg.strategy.aggregation == "fedavg"
+    assert not cfg.planner.enabled and cfg.export_merged
 
 
 def test_override_string_is_shell_split() -> None:
@@ -69,6 +81,13 @@ def test_override_string_is_shell_split() -> None:
         ("adapter.target_modules=[]", "adapter.target_modules is empty"),
         ("data.server_fraction=0.9", "data.server_fraction"),
         ("rounds=0", "rounds=0 is out of range"),
+        ("planner.bits=[4,3]", "planner.bits[1]=3 is not allowed; expected one of [4, 8, 16, 32]"),
+        ("planner.ranks=[2,32]", "planner.ranks[1]=32 is out of range"),
+        ("planner.bit_fidelity=[1.0]", "planner.bit_fidelity has 1 values for 4 planner.bits"),
+        ("planner.candidates=[qkv]", "planner.candidates[0]='qkv' is not allowed"),
+        ("planner.batch_sizes=[]", "planner.batch_sizes is empty"),
+        ("adapter.modules=[q_proj]", "adapter.modules[0]='q_proj' is not a weight matrix name"),
+        ("devices.profiles=[{gflops:0}]", "devices.profiles[0].gflops=0.0 is out of range"),
     ],
 )
 def test_bad_values_name_the_field(override: str, needle: str) -> None:
