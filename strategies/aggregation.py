@@ -74,17 +74,37 @@ def lora_pairs(state: State) -> dict[str, tuple[str, str]]:
     return pairs
 
 
-def factorise(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best rank-`rank` factors of `delta` (out x in): B (out x rank), A (rank x in), with the
-    singular values split evenly (B = U sqrt(S), A = sqrt(S) V^T); also the discarded singular
-    values, whose root sum of squares is the Frobenius error of the truncation (Eckart-Young)."""
+def factorise(
+    delta: np.ndarray, rank: int, fill: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Best rank-`rank` factors of `delta` (out x in): B = U S (out x rank), A = V^T (rank x in),
+    and the discarded singular values, whose root sum of squares is the Frobenius error of the
+    truncation (Eckart-Young).
+
+    The singular values go to B and A keeps orthonormal rows, as a fresh LoRA A is a random
+    matrix of unit-order rows and B carries the learned magnitude: the next round's gradients
+    (dL/dB ~ A, dL/dA ~ B^T) then have the scales LoRA training expects. Rows of A for
+    directions `delta` does not use (zero singular values) are arbitrary; the SVD would fill
+    them with an arbitrary completion (for delta = 0, standard basis vectors, so training would
+    read only the first `rank` inputs). `fill` (rank x in, e.g. the adapter's random initial A)
+    supplies them instead, orthonormalised against the used rows; their B columns are zero, so
+    the product is unchanged.
+    """
     u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
     k = min(rank, len(s))
-    root = np.sqrt(s[:k])
+    tol = (s[0] if len(s) else 0.0) * max(delta.shape) * np.finfo(np.float64).eps
+    used = int(np.sum(s[:k] > tol)) if fill is not None else k
     b = np.zeros((delta.shape[0], rank))
     a = np.zeros((rank, delta.shape[1]))
-    b[:, :k] = u[:, :k] * root
-    a[:k] = root[:, None] * vt[:k]
+    b[:, :used] = u[:, :used] * s[:used]
+    a[:used] = vt[:used]
+    if fill is not None:
+        for j in range(used, rank):
+            row = fill[j % fill.shape[0]].astype(np.float64)
+            row = row - a[:j].T @ (a[:j] @ row)  # Gram-Schmidt against the rows so far
+            norm = np.linalg.norm(row)
+            if norm > 1e-12:
+                a[j] = row / norm
     return b, a, s[k:]
 
 
@@ -93,6 +113,7 @@ def exact_aggregate(
     weights: Sequence[float],
     rank: int,
     scales: Sequence[float] | None = None,
+    fill: State | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Aggregate LoRA adapters through their products, then re-factorise (FlexLoRA style).
 
@@ -102,8 +123,9 @@ def exact_aggregate(
     dW (so with all ranks equal and rank >= sum of ranks it *is* the weighted mean of the updates).
     Non-LoRA tensors are averaged with the same renormalised weights.
 
-    Returns the aggregated state (float32, A: rank x in, B: out x rank) and, per module, the
-    truncation error ||dW - B A||_F.
+    `fill` (a state with the same A keys, e.g. the initial adapter) gives A its rows where dW has
+    no direction (see `factorise`). Returns the aggregated state (float32, A: rank x in,
+    B: out x rank) and, per module, the truncation error ||dW - B A||_F.
     """
     w = _checked_weights(states, weights)
     s = np.ones(len(states)) if scales is None else np.asarray(scales, dtype=np.float64)
@@ -123,7 +145,8 @@ def exact_aggregate(
             * (states[i][b_key].astype(np.float64) @ states[i][a_key].astype(np.float64))
             for i in members
         )
-        b, a, dropped = factorise(np.asarray(delta), rank)
+        init = fill.get(a_key) if fill is not None else None
+        b, a, dropped = factorise(np.asarray(delta), rank, init)
         out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
         errors[module] = float(np.sqrt(np.sum(dropped**2)))
     lora_keys = {k for pair in modules.values() for k in pair}
@@ -137,11 +160,13 @@ def exact_aggregate(
     return out, errors
 
 
-def truncate_state(state: State, rank: int) -> dict[str, np.ndarray]:
-    """A device's share of the global adapter: every module cut to its own (smaller) rank."""
+def truncate_state(state: State, rank: int, fill: State | None = None) -> dict[str, np.ndarray]:
+    """A device's share of the global adapter: every module cut to its own (smaller) rank;
+    `fill` as in `exact_aggregate`."""
     out = dict(state)
     for a_key, b_key in lora_pairs(state).values():
-        b, a, _ = factorise(state[b_key] @ state[a_key], rank)
+        init = fill.get(a_key) if fill is not None else None
+        b, a, _ = factorise(state[b_key] @ state[a_key], rank, init)
         out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)
     return out
 
@@ -154,7 +179,7 @@ def _of_module(key: str, modules: Sequence[str]) -> bool:
 
 
 def device_share(
-    state: State, modules: Sequence[str], rank: int, exact: bool
+    state: State, modules: Sequence[str], rank: int, exact: bool, fill: State | None = None
 ) -> dict[str, np.ndarray]:
     """What a device with `rank` that trains `modules` receives of the global adapter.
 
@@ -164,7 +189,7 @@ def device_share(
     """
     sub = {k: v for k, v in state.items() if _of_module(k, modules)}
     if exact:
-        return truncate_state(sub, rank)
+        return truncate_state(sub, rank, fill)
     out = {}
     for key, value in sub.items():
         out[key] = value[:rank] if _A in key else value[:, :rank] if _B in key else value

@@ -299,6 +299,7 @@ class FedPEAT(Strategy):
                     device_plan.modules,
                     device_plan.rank,
                     self.cfg.strategy.aggregation == "exact",
+                    self.server.initial_state,
                 )
                 adapter_record = to_record(share)
             self._expected[node] = state_shapes(from_record(adapter_record))
@@ -431,7 +432,10 @@ class FedPEAT(Strategy):
             return None, None
         rank = self.server.adapter_cfg.r
         if self.cfg.strategy.aggregation == "exact":
-            merged, errors = exact_aggregate(states, weights, rank=rank)
+            # Unused directions keep the initial random A (never axis-aligned rows).
+            merged, errors = exact_aggregate(
+                states, weights, rank=rank, fill=self.server.initial_state
+            )
             stats.truncation_error = max(errors.values(), default=0.0)
         elif self.cfg.planner.enabled:  # ranks and module sets differ: pad, average per tensor
             merged = partial_average(states, weights, rank)
@@ -465,6 +469,7 @@ class FedPEAT(Strategy):
                         plan.adapter.modules,
                         plan.adapter.r,
                         self.cfg.strategy.aggregation == "exact",
+                        self.server.initial_state,
                     )
                 )
             content = RecordDict(

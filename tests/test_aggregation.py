@@ -141,3 +141,32 @@ def test_fedavg_differs_from_exact_on_the_same_updates() -> None:
     np.testing.assert_allclose(
         exact["m.lora_B.weight"] @ exact["m.lora_A.weight"], [[0.5, 0], [0, 0.5]], atol=1e-9
     )
+
+
+def test_factors_keep_a_orthonormal_and_the_magnitude_in_b() -> None:
+    # delta = diag(3, 2, 0): rank 3 keeps every direction; the zero one still has a unit row in
+    # A, so its (zero) column of B can learn next round.
+    delta = np.diag([3.0, 2.0, 0.0])
+    b, a, dropped = factorise(delta, 3)
+    np.testing.assert_allclose(a @ a.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(b @ a, delta, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=0), [3.0, 2.0, 0.0], atol=1e-12)
+    assert dropped.size == 0
+
+
+def test_unused_directions_take_the_fill_rows_not_the_svd_completion() -> None:
+    # delta = 0 (no update yet): B must be zero and A the fill, orthonormalised; without a fill
+    # the SVD completes with standard basis vectors.
+    fill = np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]])
+    b, a, _ = factorise(np.zeros((2, 3)), 2, fill)
+    np.testing.assert_array_equal(b, 0.0)
+    np.testing.assert_allclose(a[0], [2**-0.5, 2**-0.5, 0.0])
+    # the second row: fill[1] minus its projection on a[0], normalised
+    second = np.array([-0.5, 0.5, 1.0])
+    np.testing.assert_allclose(a[1], second / np.linalg.norm(second))
+    # delta of rank 1: the used row is V^T's, the other comes from the fill, product unchanged
+    delta = np.outer([1.0, 2.0], [0.0, 0.0, 3.0])
+    b, a, _ = factorise(delta, 2, fill)
+    np.testing.assert_allclose(b @ a, delta, atol=1e-12)
+    np.testing.assert_allclose(a @ a.T, np.eye(2), atol=1e-12)
+    np.testing.assert_allclose(abs(a[0]), [0.0, 0.0, 1.0], atol=1e-12)
