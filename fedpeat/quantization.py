@@ -105,14 +105,13 @@ def quantize_frozen(
 def release_freed_memory() -> None:
     """Hand the freed full-width weights back to the OS (glibc keeps freed heap otherwise, and a
     device's resident memory would stay at the unquantized size)."""
+    import contextlib
     import ctypes
     import gc
 
     gc.collect()
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def quantized_linear_count(model: torch.nn.Module) -> dict[str, int]:
