@@ -75,7 +75,7 @@ def infeasible_reason(options: Sequence[Option], budget_mb: float, deadline_s: f
             f"deadline {deadline_s:.1f} s < {fastest.time_s:.1f} s estimated for the fastest "
             f"plan ({_describe(fastest)})"
         )
-    if not any(o in fits_time for o in fits_mem):
+    if not any(deadline_s <= 0 or o.time_s <= deadline_s for o in fits_mem):
         return "no plan fits the memory budget and the deadline together"
     return ""
 
@@ -104,8 +104,9 @@ def allocate(
     one = np.zeros((len(nodes), n))
     mem = np.zeros((len(nodes), n))
     tim = np.zeros((len(nodes), n))
+    row_of = {node: d for d, node in enumerate(nodes)}
     for k, (node, _) in enumerate(index):
-        d = nodes.index(node)
+        d = row_of[node]
         one[d, k], mem[d, k], tim[d, k] = 1.0, opts[k].memory_mb, opts[k].time_s
     rows.append(LinearConstraint(one, 0.0, 1.0))
     rows.append(LinearConstraint(mem, -np.inf, [budgets_mb[node] for node in nodes]))

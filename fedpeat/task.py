@@ -295,6 +295,7 @@ class ServerModel:
         self.adapter_params = int(sum(v.size for v in self.initial_state.values()))
         prefix = dict(self.base.named_modules())[layer_prefix(self.base, n_layers)]
         self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in prefix]
+        self.full_shape = shape_of(self.base)  # the planner asks for shapes hundreds of times
         self._layer_linear = [
             sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
             for layer in prefix
@@ -403,7 +404,7 @@ class ServerModel:
 
     def emulator_shape(self, level: float | None) -> ModelShape:
         """Shape of the emulator at `level` (None: the full model) without building it."""
-        full = shape_of(self.base)
+        full = self.full_shape
         if level is None:
             return full
         e = self.cfg.emulator

@@ -70,6 +70,11 @@ def options_for(
     rate = link_rate_bps(profile)
     params_emulator = server.emulator_shape(level).params
     chosen = server.adapter_cfg.modules
+    bit_options = [
+        (b, f)
+        for b, f in zip(pl.bits, pl.bit_fidelity, strict=True)
+        if b in allowed_bits(pl.bits, profile)
+    ]
     out = []
     for rank in pl.ranks:
         for share in pl.module_shares:
@@ -81,9 +86,7 @@ def options_for(
                 tokens = t.local_steps * batch * cfg.data.max_length
                 seconds = compute_s(tokens, params_emulator, profile.gflops * 1e9)
                 seconds += transmission_s(emulator_bytes + adapter_bytes, adapter_bytes, rate, rate)
-                for bits, fidelity in zip(pl.bits, pl.bit_fidelity, strict=True):
-                    if bits not in allowed_bits(pl.bits, profile):
-                        continue
+                for bits, fidelity in bit_options:
                     width = compute_bits(bits, profile, server.model_bits)
                     out.append(
                         Option(
