@@ -108,12 +108,18 @@ def factorise(
     return b, a, s[k:]
 
 
+def _product(state: State, a_key: str, b_key: str) -> np.ndarray:
+    return state[b_key].astype(np.float64) @ state[a_key].astype(np.float64)
+
+
 def exact_aggregate(
     states: Sequence[State],
     weights: Sequence[float],
     rank: int,
     scales: Sequence[float] | None = None,
     fill: State | None = None,
+    received: Sequence[State | None] | None = None,
+    base: State | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Aggregate LoRA adapters through their products, then re-factorise (FlexLoRA style).
 
@@ -123,12 +129,21 @@ def exact_aggregate(
     dW (so with all ranks equal and rank >= sum of ranks it *is* the weighted mean of the updates).
     Non-LoRA tensors are averaged with the same renormalised weights.
 
+    `received` (per state, the adapter that device started from; None = `base`) and `base` (the
+    global adapter of the round) make the average one of *updates*: dW = G + sum_i w_i (P_i - R_i)
+    with G = base's product, P_i the returned and R_i the received product. A device that got only
+    its rank's truncation of G then does not erase the directions of G it never saw, which the plain
+    product average would (it would replace G by the mean of truncations plus updates). When
+    every device received G itself the two are the same.
+
     `fill` (a state with the same A keys, e.g. the initial adapter) gives A its rows where dW has
     no direction (see `factorise`). Returns the aggregated state (float32, A: rank x in,
     B: out x rank) and, per module, the truncation error ||dW - B A||_F.
     """
     w = _checked_weights(states, weights)
     s = np.ones(len(states)) if scales is None else np.asarray(scales, dtype=np.float64)
+    if received is not None and (base is None or len(received) != len(states)):
+        raise ValueError("`received` needs `base` and one entry per state")
     modules: dict[str, tuple[str, str]] = {}
     for state in states:
         modules.update(lora_pairs(state))
@@ -139,12 +154,14 @@ def exact_aggregate(
         total = w[members].sum()
         if total <= 0:
             continue
-        delta = sum(
-            (w[i] / total)
-            * s[i]
-            * (states[i][b_key].astype(np.float64) @ states[i][a_key].astype(np.float64))
-            for i in members
-        )
+        delta = sum((w[i] / total) * s[i] * _product(states[i], a_key, b_key) for i in members)
+        if received is not None and base is not None and a_key in base:
+            start = _product(base, a_key, b_key)
+            delta = start + delta
+            for i in members:
+                got = received[i]
+                r_i = _product(got, a_key, b_key) if got is not None and a_key in got else start
+                delta = delta - (w[i] / total) * r_i
         init = fill.get(a_key) if fill is not None else None
         b, a, dropped = factorise(np.asarray(delta), rank, init)
         out[a_key], out[b_key] = a.astype(np.float32), b.astype(np.float32)

@@ -171,6 +171,8 @@ class FedPEAT(Strategy):
         self.state: dict[str, np.ndarray] = dict(server.initial_state)
         self._plans: dict[int, Plan] = {}
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
+        # What each device of the round started from (its share), for the update average.
+        self._received: dict[int, dict[str, np.ndarray]] = {}
         self._data_sizes: dict[int, list[int]] = {}
 
     # ------------------------------------------------------------------ devices
@@ -281,7 +283,7 @@ class FedPEAT(Strategy):
         ]
         stats.num_sampled = len(sampled)
         self.state = from_record(arrays)
-        self._plans, self._expected = {}, {}
+        self._plans, self._expected, self._received = {}, {}, {}
         messages = []
         assignments = self.assign(sampled)
         levels = {n: a.level for n, a in assignments.items() if a.level is not None}
@@ -302,6 +304,7 @@ class FedPEAT(Strategy):
                     self.server.initial_state,
                 )
                 adapter_record = to_record(share)
+                self._received[node] = share
             self._expected[node] = state_shapes(from_record(adapter_record))
             content = RecordDict({ADAPTER_KEY: adapter_record})
             ref, sent_bytes = EmulatorRef(), 0
@@ -380,6 +383,7 @@ class FedPEAT(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
         states, weights, losses = [], [], []
+        received: list[dict[str, np.ndarray] | None] = []
         for msg in replies:
             node = msg.metadata.src_node_id
             dev = stats.devices.get(node)
@@ -406,6 +410,7 @@ class FedPEAT(Strategy):
             state, weight, metrics = checked
             states.append(state)
             weights.append(weight)
+            received.append(self._received.get(node))
             losses.append(float(metrics["train_loss"]))
             plan = self._plans.get(node)
             if plan is not None and plan.emulator.digest:
@@ -426,6 +431,7 @@ class FedPEAT(Strategy):
             server_state, result, n = self.server.train(self.state, server_round)
             states.append(server_state)
             weights.append(float(n))
+            received.append(None)  # the server trains from the global adapter itself
             stats.server_train_loss = result.train_loss
         if not states:
             log(WARNING, "round %d: no valid update; keeping the previous adapter", server_round)
@@ -433,8 +439,14 @@ class FedPEAT(Strategy):
         rank = self.server.adapter_cfg.r
         if self.cfg.strategy.aggregation == "exact":
             # Unused directions keep the initial random A (never axis-aligned rows).
+            # Averaging updates, not products, keeps what truncated devices never saw.
             merged, errors = exact_aggregate(
-                states, weights, rank=rank, fill=self.server.initial_state
+                states,
+                weights,
+                rank=rank,
+                fill=self.server.initial_state,
+                received=received,
+                base=self.state,
             )
             stats.truncation_error = max(errors.values(), default=0.0)
         elif self.cfg.planner.enabled:  # ranks and module sets differ: pad, average per tensor

@@ -170,3 +170,27 @@ def test_unused_directions_take_the_fill_rows_not_the_svd_completion() -> None:
     np.testing.assert_allclose(b @ a, delta, atol=1e-12)
     np.testing.assert_allclose(a @ a.T, np.eye(2), atol=1e-12)
     np.testing.assert_allclose(abs(a[0]), [0.0, 0.0, 1.0], atol=1e-12)
+
+
+def test_update_average_keeps_the_directions_a_truncated_device_never_saw() -> None:
+    # Global G = [[3,0,0],[0,1,0]] (rank 2). Device 1 (weight 1, rank 1) received T1(G) =
+    # [[3,0,0],[0,0,0]] and grew it to [[3.5,0,0],[0,0,0]]; device 2 (weight 3) received G and
+    # returned [[3,0,0],[0,1,2]]. Updates: [[.5,0,0],[0,0,0]] and [[0,0,0],[0,0,2]], so
+    # G + (1/4, 3/4)-mean = [[3.125,0,0],[0,1,1.5]]. The plain product mean would shrink G's
+    # second direction to 0.75 (device 1 never saw it).
+    base = _lora(np.array([[3.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    got1 = _lora(np.array([[3.0], [0.0]]), np.array([[1.0, 0.0, 0.0]]))
+    dev1 = _lora(np.array([[3.5], [0.0]]), np.array([[1.0, 0.0, 0.0]]))
+    dev2 = _lora(np.array([[3.0, 0.0], [0.0, 1.0]]), np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 2.0]]))
+    state, errors = exact_aggregate([dev1, dev2], [1, 3], rank=2, received=[got1, None], base=base)
+    product = state["m.lora_B.weight"] @ state["m.lora_A.weight"]
+    np.testing.assert_allclose(product, [[3.125, 0, 0], [0, 1, 1.5]], atol=1e-6)
+    assert errors["m"] == pytest.approx(0.0, abs=1e-6)
+    plain, _ = exact_aggregate([dev1, dev2], [1, 3], rank=2)
+    plain_product = plain["m.lora_B.weight"] @ plain["m.lora_A.weight"]
+    np.testing.assert_allclose(plain_product, [[3.125, 0, 0], [0, 0.75, 1.5]], atol=1e-6)
+    # Every device received G itself: the update average is the product average.
+    same, _ = exact_aggregate([dev1, dev2], [1, 3], rank=2, received=[None, None], base=base)
+    np.testing.assert_allclose(
+        same["m.lora_B.weight"] @ same["m.lora_A.weight"], plain_product, atol=1e-6
+    )
