@@ -261,6 +261,93 @@ class PlannerConfig:
 
 
 @dataclass
+class CurvePoint:
+    """One emulator level of the perplexity-retention curve (`python -m fedpeat.retention`)."""
+
+    keep: float = 1.0
+    ppl: float = 1.0
+    """Emulator perplexity on the server's held-out data."""
+    bytes: float = 0.0
+    """Emulator size on the wire."""
+    params: int = 0
+    need_mb: float = 0.0
+    """Cost-model training memory at the default batch and rank."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO hyper-parameters (CleanRL's names)."""
+
+    hidden: int = 64
+    """Width of the shared two-layer trunk."""
+    lr: float = 3e-4
+    gamma: float = 0.95
+    gae_lambda: float = 0.9
+    clip: float = 0.2
+    ent_coef: float = 0.01
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    epochs: int = 4
+    minibatches: int = 4
+    rollout_steps: int = 1024
+    """Environment steps (rounds) per pre-training update."""
+    total_steps: int = 200_000
+    """Pre-training budget in environment steps."""
+    online_every: int = 2
+    """Federated rounds between online updates from the real transitions."""
+    online_lr: float = 1e-4
+    checkpoint: str = ""
+    """Pre-trained policy (`python -m strategies.control pretrain`); empty: train from scratch
+    online (a warning says so)."""
+
+
+@dataclass
+class ControllerConfig:
+    """Who takes part each round and with which emulator (FedPEAT's orchestrator), and the
+    edge-system model it is trained and scored on."""
+
+    name: str = "none"
+    """`none`: every sampled device, level by emulator.case; `fixed`, `random`, `greedy`, `ppo`
+    choose per round who takes part and at which level (needs emulator.case=1)."""
+    fixed_level: float = 0.5
+    """`fixed`: the level every device gets."""
+    greedy_fraction: float = 0.5
+    """`greedy`: share of devices (best channels first) that take part."""
+    w_ppl: float = 1.0
+    """Reward weight of the plug-in perplexity, relative to the round-0 perplexity."""
+    w_latency: float = 0.01
+    """Reward weight of the modelled round latency, per second."""
+    w_swaps: float = 0.5
+    """Reward weight per emulator swap (a device's held emulator replaced)."""
+    memory_penalty: float = 2.0
+    """Per device given an emulator that does not fit its memory (it cannot train)."""
+    swap_penalty: float = 1.0
+    """Per swap beyond `swap_share` of the rounds so far on that device."""
+    swap_share: float = 0.25
+    target_ppl: float = 105.0
+    """Plug-in perplexity whose first crossing gives `time_to_target_s`."""
+    episode_rounds: int = 20
+    """Rounds per pre-training episode."""
+    floor_share: float = 0.35
+    """Progress model: perplexity floor as a share of the round-0 perplexity."""
+    eta: float = 0.87
+    """Progress model: gap shrink rate when all data trains at fidelity 1."""
+    beta: float = 0.8
+    """Progress model: diminishing returns exponent on sum(data share x fidelity)."""
+    data_alpha: float = 1.0
+    """Pre-training draws each episode's data shares from Dirichlet(alpha); 0: equal shares."""
+    tokens: int = 1024
+    """Training tokens per device and round in the latency model (steps x batch x length)."""
+    adapter_bytes: float = 1.0e6
+    """Adapter bytes each way per device and round in the environment (runs use the real ones)."""
+    curve_model: str = "smollm2_135m"
+    ppl_full: float = 115.17
+    curve: list[CurvePoint] = field(default_factory=list)
+    """The retention curve per level; fidelity of a level = ppl_full / ppl."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+@dataclass
 class Config:
     """Root of the composed configuration (conf/config.yaml)."""
 
@@ -276,6 +363,7 @@ class Config:
     emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     export_merged: bool = True
     """Also write `merged/`: the full model with the adapter merged in (plain transformers)."""
 
@@ -384,8 +472,70 @@ def validate(cfg: Config) -> Config:
                 "expected e.g. 'layers.28.self_attn.q_proj'"
             )
     _validate_planner(cfg.planner)
+    _validate_controller(cfg.controller, cfg.emulator.levels)
+    if cfg.controller.name != "none":
+        if cfg.emulator.case != 1:
+            raise ConfigError(
+                f"controller={cfg.controller.name} chooses per-device emulators; it needs "
+                f"emulator.case=1, got {cfg.emulator.case}"
+            )
+        if cfg.strategy.fraction_train != 1.0:
+            raise ConfigError(
+                f"strategy.fraction_train={cfg.strategy.fraction_train} with "
+                f"controller={cfg.controller.name}: the controller chooses who takes part; "
+                "set it to 1.0"
+            )
     _range("rounds", cfg.rounds, 1)
     return cfg
+
+
+CONTROLLERS = ("none", "fixed", "random", "greedy", "ppo")
+
+
+def _validate_controller(c: ControllerConfig, levels: list[float]) -> None:
+    _choice("controller.name", c.name, CONTROLLERS)
+    if c.name == "none":
+        return
+    if c.fixed_level not in levels:
+        raise ConfigError(
+            f"controller.fixed_level={c.fixed_level!r} is not one of emulator.levels {levels}"
+        )
+    _range("controller.greedy_fraction", c.greedy_fraction, 0.0, 1.0, lo_open=True)
+    for name in ("w_ppl", "w_latency", "w_swaps", "memory_penalty", "swap_penalty"):
+        _range(f"controller.{name}", getattr(c, name), 0.0)
+    _range("controller.swap_share", c.swap_share, 0.0, 1.0)
+    _range("controller.target_ppl", c.target_ppl, 1.0)
+    _range("controller.episode_rounds", c.episode_rounds, 1)
+    _range("controller.floor_share", c.floor_share, 0.0, 1.0)
+    _range("controller.eta", c.eta, 0.0, lo_open=True)
+    _range("controller.beta", c.beta, 0.0, lo_open=True)
+    _range("controller.data_alpha", c.data_alpha, 0.0)
+    _range("controller.tokens", c.tokens, 1)
+    _range("controller.adapter_bytes", c.adapter_bytes, 0.0)
+    _range("controller.ppl_full", c.ppl_full, 1.0)
+    keeps = sorted(p.keep for p in c.curve)
+    missing = [lv for lv in levels if lv not in keeps]
+    if missing:
+        raise ConfigError(
+            f"controller.curve has no point for emulator.levels {missing}; "
+            "regenerate it with `python -m fedpeat.retention --yaml`"
+        )
+    for i, p in enumerate(c.curve):
+        _range(f"controller.curve[{i}].ppl", p.ppl, 1.0)
+        _range(f"controller.curve[{i}].bytes", p.bytes, 0.0, lo_open=True)
+        _range(f"controller.curve[{i}].params", p.params, 1)
+        _range(f"controller.curve[{i}].need_mb", p.need_mb, 0.0, lo_open=True)
+    q = c.ppo
+    for name in ("hidden", "epochs", "minibatches", "rollout_steps", "total_steps", "online_every"):
+        _range(f"controller.ppo.{name}", getattr(q, name), 1)
+    for name in ("lr", "online_lr", "clip", "max_grad_norm"):
+        _range(f"controller.ppo.{name}", getattr(q, name), 0.0, lo_open=True)
+    for name in ("gamma", "gae_lambda"):
+        _range(f"controller.ppo.{name}", getattr(q, name), 0.0, 1.0)
+    for name in ("ent_coef", "vf_coef"):
+        _range(f"controller.ppo.{name}", getattr(q, name), 0.0)
+    if q.rollout_steps % q.minibatches:
+        raise ConfigError("controller.ppo.rollout_steps must be a multiple of ppo.minibatches")
 
 
 def _validate_planner(pl: PlannerConfig) -> None:

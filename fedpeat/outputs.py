@@ -116,3 +116,15 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]
     fig.savefig(written[-1], dpi=120)
     plt.close(fig)
     return written
+
+
+def time_to_target(rows: Sequence[Mapping[str, Any]], target: float) -> float | None:
+    """Modelled seconds until the plug-in perplexity first reaches `target`: the sum of the
+    rounds' `latency_s` up to and including that round (0 if the base model already does);
+    None if it never does."""
+    elapsed = 0.0
+    for row in rows:
+        elapsed += float(row.get("latency_s") or 0.0)
+        if row["plugin_ppl"] <= target:
+            return elapsed
+    return None

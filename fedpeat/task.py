@@ -402,6 +402,10 @@ class ServerModel:
             )
         return self._packages[level]
 
+    def package_digests(self) -> dict[float, str]:
+        """Level -> digest of every emulator package built so far."""
+        return {level: pkg.digest for level, pkg in self._packages.items()}
+
     def emulator_shape(self, level: float | None) -> ModelShape:
         """Shape of the emulator at `level` (None: the full model) without building it."""
         full = self.full_shape

@@ -15,7 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedpeat.config import Config, compose, resolve_paths, to_yaml
 from fedpeat.data import load_samples
 from fedpeat.model import describe, model_location
-from fedpeat.outputs import new_run_dir, plot_metrics, write_json_atomic
+from fedpeat.outputs import new_run_dir, plot_metrics, time_to_target, write_json_atomic
 from fedpeat.task import ServerModel
 from server_app.recorder import RoundRecorder
 from strategies.fedpeat_strategy import FedPEAT, to_record
@@ -30,6 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     # Everything that can be wrong with the input fails here, before a run directory exists.
     cfg = resolve_paths(compose(str(rc.get("overrides", ""))), workdir)
     load_samples(cfg.data)
+    checkpoint = _checkpoint(cfg, workdir)
     output_dir = Path(str(rc.get("output-dir") or "runs"))
     output_dir = output_dir if output_dir.is_absolute() else workdir / output_dir
 
@@ -37,13 +38,28 @@ def main(grid: Grid, context: Context) -> None:
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log(INFO, "fedpeat run %s: outputs in %s", context.run_id, run_dir)
     try:
-        _run(grid, cfg, run_dir)
+        _run(grid, cfg, run_dir, checkpoint)
     except BaseException:
         (run_dir / "error.txt").write_text(traceback.format_exc())
         raise
 
 
-def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
+def _checkpoint(cfg: Config, workdir: Path) -> Path | None:
+    """The pre-trained policy for controller=ppo, relative paths under the project directory;
+    missing: a clear error before any round."""
+    if cfg.controller.name != "ppo" or not cfg.controller.ppo.checkpoint:
+        return None
+    path = Path(cfg.controller.ppo.checkpoint)
+    path = path if path.is_absolute() else workdir / path
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"controller.ppo.checkpoint: no file at {path}; pre-train one with "
+            "`python -m strategies.control pretrain` (or set controller.ppo.checkpoint='')"
+        )
+    return path
+
+
+def _run(grid: Grid, cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> None:
     start = time.perf_counter()
     server = ServerModel(cfg)
     log(INFO, "model %s: %s", cfg.model.name, describe(server.model.get_base_model()))
@@ -55,7 +71,7 @@ def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
             len(server.adapter_cfg.modules),
             server.importance["choice"],
         )
-    strategy = FedPEAT(cfg, server)
+    strategy = FedPEAT(cfg, server, checkpoint)
     recorder = RoundRecorder(run_dir, cfg.rounds, strategy, server)
 
     strategy.start(
@@ -66,6 +82,8 @@ def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
         evaluate_fn=recorder,
     )
 
+    if cfg.controller.name != "none":
+        strategy.control.save(run_dir / "controller.pt")
     server.save_adapter(recorder.state, str(run_dir / "adapter"), model_location(cfg.model))
     if cfg.export_merged:
         server.save_merged(recorder.state, str(run_dir / "merged"))
@@ -84,6 +102,12 @@ def _run(grid: Grid, cfg: Config, run_dir: Path) -> None:
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
         "rejected_total": sum(len(r.get("rejected", [])) for r in rows),
         "exchanges_total": sum(r.get("exchanges", 0) for r in rows),
+        "bytes_total": sum(r.get("bytes_down", 0) + r.get("bytes_up", 0) for r in rows),
+        "controller": cfg.controller.name,
+        "target_ppl": cfg.controller.target_ppl,
+        "time_to_target_s": time_to_target(rows, cfg.controller.target_ppl),
+        "modelled_latency_total_s": sum(r.get("latency_s") or 0.0 for r in rows),
+        "reward_total": sum(r.get("reward") or 0.0 for r in rows),
         "emulator_case": cfg.emulator.case,
         "final_emulator_ppl": rows[-1].get("emulator_ppl"),
         "wall_s": time.perf_counter() - start,

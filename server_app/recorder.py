@@ -34,6 +34,7 @@ class RoundRecorder:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.state = from_record(arrays)
         result = self.server.evaluate(self.state)
+        self.strategy.after_round(server_round, result.ppl)
         stats = self.strategy.stats.get(server_round, RoundStats())
         elapsed = time.perf_counter() - self.start
         row = {

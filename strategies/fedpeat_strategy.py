@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,8 @@ from strategies.aggregation import (
     weighted_mean,
 )
 from strategies.assign import Assignment, assign_levels
+from strategies.edge_env import Level
+from strategies.online import OnlineControl
 from strategies.planning import DevicePlan, plan_devices, profile_of, smallest_need_mb
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -131,6 +134,14 @@ class RoundStats:
     emulator_ppl: float | None = None
     truncation_error: float | None = None
     """`exact` aggregation: the largest ||dW - B A||_F over modules (Frobenius norm)."""
+    action: dict[int, float | None] = field(default_factory=dict)
+    """Node -> level it was given, None: skipped (the controller's or emulator.case's choice)."""
+    latency_s: float | None = None
+    """Modelled round latency: max over devices of transmission + compute (cost model)."""
+    swaps: int = 0
+    violations: int = 0
+    """Devices chosen that could not hold their level, swaps beyond the share, failed devices."""
+    reward: float | None = None
     devices: dict[int, DeviceRound] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -147,6 +158,11 @@ class RoundStats:
             "server_train_loss": self.server_train_loss,
             "emulator_ppl": self.emulator_ppl,
             "truncation_error": self.truncation_error,
+            "action": {str(n): lv for n, lv in self.action.items()},
+            "latency_s": self.latency_s,
+            "swaps": self.swaps,
+            "violations": self.violations,
+            "reward": self.reward,
             "client_train_s_max": max(
                 (d.train_s for d in self.devices.values() if d.train_s is not None), default=None
             ),
@@ -159,9 +175,11 @@ class RoundStats:
 class FedPEAT(Strategy):
     """Emulator-assisted federated LoRA with per-reply validation and server collaboration."""
 
-    def __init__(self, cfg: Config, server: ServerModel) -> None:
+    def __init__(self, cfg: Config, server: ServerModel, checkpoint: Path | None = None) -> None:
         self.cfg = cfg
         self.server = server
+        self.control = OnlineControl(cfg, self._levels(), checkpoint)
+        self.control.adapter_bytes = float(sum(v.nbytes for v in server.initial_state.values()))
         self.shapes = state_shapes(server.initial_state)
         self.rng = random.Random(cfg.seed)
         self.stats: dict[int, RoundStats] = {}
@@ -247,6 +265,60 @@ class FedPEAT(Strategy):
             e.case, budgets, list(e.levels), e.shared_level, self.server.memory_need_mb
         )
 
+    def _levels(self) -> list[Level]:
+        """The server's emulator levels as the controller prices them (real sizes and needs;
+        fidelity from the configured retention curve when it is this model's)."""
+        c, wire = self.cfg.controller, getattr(np, self.cfg.emulator.wire_dtype)
+        curve = {p.keep: p for p in c.curve} if c.curve_model == self.cfg.model.name else {}
+        out = []
+        for keep in self.cfg.emulator.levels:
+            shape = self.server.emulator_shape(keep)
+            fidelity = min(1.0, c.ppl_full / curve[keep].ppl) if keep in curve else keep
+            out.append(
+                Level(
+                    keep,
+                    fidelity,
+                    float(shape.params * np.dtype(wire).itemsize),
+                    shape.params,
+                    self.server.memory_need_mb(keep),
+                )
+            )
+        return out
+
+    def _fits(self, node: int, level: float) -> float | None:
+        """None if the device can hold `level`, else the memory it would need."""
+        prof = self.device_profiles[node]
+        need = (
+            smallest_need_mb(self.server, level, prof)
+            if self.cfg.planner.enabled
+            else self.server.memory_need_mb(level)
+        )
+        return None if need <= prof.memory_mb else need
+
+    def _controlled(self, options: dict[int, int]) -> tuple[dict[int, Assignment], int]:
+        """The controller's options as assignments; a level the device cannot hold is not sent
+        (a violation, as in the environment)."""
+        out, violations = {}, 0
+        for node, option in options.items():
+            if option == 0:
+                out[node] = Assignment(None, f"{self.cfg.controller.name}: not chosen this round")
+                continue
+            level = self.cfg.emulator.levels[option - 1]
+            need = self._fits(node, level)
+            if need is None:
+                out[node] = Assignment(level)
+            else:
+                violations += 1
+                out[node] = Assignment(
+                    None,
+                    f"{self.cfg.controller.name} chose keep {level}, which needs {need:.0f} MB "
+                    f"> budget {self.device_profiles[node].memory_mb:.0f} MB: not sent",
+                )
+        return out, violations
+
+    def _holding(self) -> list[int]:
+        return self.control.holding(self.holdings, self.server.package_digests())
+
     def _data_size(self, node: int) -> int:
         """The device's partition size (the planner's data term), from the shared data seed."""
         n = int(self.profiles[node]["num-partitions"])
@@ -285,7 +357,19 @@ class FedPEAT(Strategy):
         self.state = from_record(arrays)
         self._plans, self._expected, self._received = {}, {}, {}
         messages = []
-        assignments = self.assign(sampled)
+        known = [n for n in nodes if n in self.profiles]
+        self.control.start(
+            sorted(known, key=lambda n: int(self.profiles[n]["partition-id"])),
+            self.device_profiles,
+            {n: self._data_size(n) for n in known},
+        )
+        options = self.control.act(self._holding())
+        violations = 0
+        if options is None:
+            assignments = self.assign(sampled)
+        else:
+            assignments, violations = self._controlled(options)
+        holding = self._holding()  # before this round's emulators are sent
         levels = {n: a.level for n, a in assignments.items() if a.level is not None}
         plans = self._plan(levels) if self.cfg.planner.enabled else {}
         for node, assignment in assignments.items():
@@ -345,6 +429,15 @@ class FedPEAT(Strategy):
                 row.est_memory_mb, row.est_time_s = device_plan.memory_mb, device_plan.time_s
             stats.devices[node] = row
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
+        levels_sent = {n: d.level for n, d in stats.devices.items()}
+        stats.action = {n: levels_sent.get(n) for n in sorted(assignments)}
+        keeps = self.cfg.emulator.levels
+        sent = {n: keeps.index(lv) + 1 for n, lv in levels_sent.items() if lv in keeps}
+        if self.cfg.emulator.case == 3:  # devices hold the full model: nothing to download
+            holding = [sent.get(n, 0) for n in self.control.nodes]
+        priced = self.control.price(sent, holding, violations).outcome
+        stats.latency_s, stats.swaps = priced.latency_s, priced.swaps
+        stats.violations = priced.memory_violations + priced.swap_violations
         log(
             INFO,
             "round %d: %d device(s) train, %d skipped, %d emulator(s) sent (%.1f MB)",
@@ -456,6 +549,18 @@ class FedPEAT(Strategy):
         # A module no one trained this round keeps its value.
         merged = {k: merged.get(k, v) for k, v in self.state.items()}
         return to_record(merged), MetricRecord({"train_loss": stats.train_loss or 0.0})
+
+    def after_round(self, server_round: int, plugin_ppl: float) -> None:
+        """The measured plug-in perplexity closes the round for the controller: reward, and
+        an online update when it is due (round 0 only sets the reference perplexity)."""
+        stats = self.stats.setdefault(server_round, RoundStats())
+        failed = sum(1 for d in stats.devices.values() if d.status != "ok")
+        t = self.control.feedback(plugin_ppl, failed, self._holding())
+        if t is not None:
+            stats.reward = t.reward
+            stats.violations += failed
+            if t.learn:
+                log(INFO, "round %d: controller updated online (%s)", server_round, t.learn)
 
     # ------------------------------------------------------------------ evaluate
 

@@ -174,3 +174,49 @@ def test_exact_aggregation_runs_and_reports_its_truncation(
     # 3 devices + the server, each rank 8, truncated back to rank 8: something is discarded.
     assert all(r["truncation_error"] is not None and r["truncation_error"] >= 0 for r in rows[1:])
     assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+
+def test_controllers_choose_devices_and_price_the_rounds(
+    tmp_path, server_identity, device_disks
+) -> None:
+    import json
+
+    import torch
+
+    # greedy with half the devices: one of two each round, at its best fitting level.
+    cfg = compose("experiment=tiny controller=greedy rounds=2 controller.target_ppl=1e9")
+    run_dir = tmp_path / "greedy"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    for row in rows[1:]:
+        chosen = [lv for lv in row["action"].values() if lv is not None]
+        assert len(row["action"]) == 2 and len(chosen) == 1 and row["num_clients"] == 1
+        assert row["latency_s"] > 0 and np.isfinite(row["reward"])
+        assert any(s["reason"] == "greedy: not chosen this round" for s in row["skipped"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the target is met at round 0 already (1e9): no modelled time spent
+    assert summary["time_to_target_s"] == 0.0 and summary["controller"] == "greedy"
+    assert summary["bytes_total"] == sum(r["bytes_down"] + r["bytes_up"] for r in rows)
+
+    # fixed at keep 0.75: the small device (168 MB) cannot hold it (169.2 MB): a violation,
+    # not sent; an untrained PPO policy learns online every round and saves its state.
+    cfg = compose("experiment=tiny controller=fixed controller.fixed_level=0.75 rounds=1")
+    run_dir = tmp_path / "fixed"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    row = read_metrics(run_dir / "metrics.jsonl")[1]
+    assert row["num_clients"] == 1 and row["violations"] == 1
+    assert "fixed chose keep 0.75, which needs" in row["skipped"][0]["reason"]
+
+    cfg = compose(
+        "experiment=tiny controller=ppo controller.ppo.checkpoint='' "
+        "controller.ppo.online_every=1 rounds=2"
+    )
+    run_dir = tmp_path / "ppo"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert all(np.isfinite(r["reward"]) for r in rows[1:])
+    state = torch.load(run_dir / "controller.pt", weights_only=False)
+    assert state["controller"]["updates"] == 2 and state["round"] == 2
