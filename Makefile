@@ -18,8 +18,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 DEVICES ?= 6
 OVERRIDES ?=
 ARGS ?=
+SWEEP ?= controller=fixed,random,greedy,ppo
 
-.PHONY: run test lint bench deps clean-runs
+.PHONY: run test lint bench deps clean-runs sweep pretrain
 
 $(BIN)/.deps: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "python3.11 not found"; exit 1; }
@@ -38,6 +39,15 @@ deps: $(BIN)/.deps
 
 run: $(BIN)/.deps
 	$(BIN)/python -m fedpeat.launch --devices $(DEVICES) --overrides "$(OVERRIDES)" $(ARGS)
+
+# A Hydra sweep of runs ending in one comparison table and plot (runs/sweep-*/).
+sweep: $(BIN)/.deps
+	$(BIN)/python -m fedpeat.sweep --devices $(DEVICES) --overrides "$(SWEEP) $(OVERRIDES)"
+
+# Pre-train the PPO controller on the edge-system environment, then compare the controllers.
+pretrain: $(BIN)/.deps
+	$(BIN)/python -m strategies.control pretrain --overrides "$(OVERRIDES)"
+	$(BIN)/python -m strategies.control compare --overrides "$(OVERRIDES)"
 
 test: $(BIN)/.test-deps
 	$(BIN)/python -m pytest $(ARGS)

@@ -200,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=20)
     args = parser.parse_args(argv)
+    # A 64-wide MLP on single observations: thread hand-offs cost more than they save.
+    torch.set_num_threads(1)
     try:
         cfg = compose(f"controller=ppo {args.overrides}".strip())
     except ConfigError as err:
