@@ -313,7 +313,7 @@ class ControllerConfig:
     """`fixed`: the level every device gets."""
     greedy_fraction: float = 0.5
     """`greedy`: share of devices (best channels first) that take part."""
-    w_ppl: float = 1.0
+    w_ppl: float = 10.0
     """Reward weight of the plug-in perplexity, relative to the round-0 perplexity."""
     w_latency: float = 0.01
     """Reward weight of the modelled round latency, per second."""
