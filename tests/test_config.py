@@ -33,6 +33,7 @@ def test_every_group_has_files() -> None:
         "emulator",
         "devices",
         "planner",
+        "controller",
         "experiment",
     } <= groups
 
@@ -88,6 +89,13 @@ def test_override_string_is_shell_split() -> None:
         ("planner.batch_sizes=[]", "planner.batch_sizes is empty"),
         ("adapter.modules=[q_proj]", "adapter.modules[0]='q_proj' is not a weight matrix name"),
         ("devices.profiles=[{gflops:0}]", "devices.profiles[0].gflops=0.0 is out of range"),
+        ("controller=nope", "available: common, fixed, greedy, none, ppo, random"),
+        ("controller=fixed controller.fixed_level=0.3", "controller.fixed_level=0.3 is not one"),
+        ("controller=ppo emulator=shared", "it needs emulator.case=1, got 2"),
+        ("controller=greedy strategy.fraction_train=0.5", "the controller chooses who takes"),
+        ("controller=ppo controller.curve=[]", "controller.curve has no point for"),
+        ("controller=ppo controller.ppo.gamma=1.5", "controller.ppo.gamma=1.5 is out of range"),
+        ("controller=ppo controller.ppo.rollout_steps=10", "multiple of ppo.minibatches"),
     ],
 )
 def test_bad_values_name_the_field(override: str, needle: str) -> None:
