@@ -178,7 +178,7 @@ class FedPEAT(Strategy):
     def __init__(self, cfg: Config, server: ServerModel, checkpoint: Path | None = None) -> None:
         self.cfg = cfg
         self.server = server
-        self.control = OnlineControl(cfg, self._levels(), checkpoint)
+        self.control = OnlineControl(cfg, [], checkpoint)  # levels priced at the first round
         self.control.adapter_bytes = float(sum(v.nbytes for v in server.initial_state.values()))
         self.shapes = state_shapes(server.initial_state)
         self.rng = random.Random(cfg.seed)
@@ -358,6 +358,8 @@ class FedPEAT(Strategy):
         self._plans, self._expected, self._received = {}, {}, {}
         messages = []
         known = [n for n in nodes if n in self.profiles]
+        if not self.control.levels:
+            self.control.levels = self._levels()
         self.control.start(
             sorted(known, key=lambda n: int(self.profiles[n]["partition-id"])),
             self.device_profiles,
