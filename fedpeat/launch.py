@@ -84,12 +84,50 @@ def flwr_env(flwr_home: Path, marker: str) -> dict[str, str]:
     return env
 
 
-def write_connection(flwr_home: Path, port: int) -> None:
+def connection_name(port: int) -> str:
+    """One named connection per SuperLink: launches that share a Flower home (a sweep next to a
+    test run) must not point each other's `flwr` calls at the wrong SuperLink."""
+    return f"{CONNECTION}-{port}"
+
+
+def _edit_connections(flwr_home: Path, port: int, add: bool) -> None:
+    """Add (or remove) this SuperLink's connection in config.toml under a file lock, keeping
+    the other launches' entries; the file is replaced atomically."""
+    import fcntl
+    import tomllib
+
     flwr_home.mkdir(parents=True, exist_ok=True)
-    (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "{CONNECTION}"\n\n'
-        f'[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\ninsecure = true\n'
-    )
+    path = flwr_home / "config.toml"
+    with open(flwr_home / "config.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            entries = tomllib.loads(path.read_text()).get("superlink", {}) if path.exists() else {}
+        except tomllib.TOMLDecodeError:
+            entries = {}
+        entries = {k: v for k, v in entries.items() if isinstance(v, dict)}
+        name = connection_name(port)
+        if add:
+            entries[name] = {"address": f"127.0.0.1:{port}", "insecure": True}
+        else:
+            entries.pop(name, None)
+        default = name if add else next(iter(entries), CONNECTION)
+        text = f"[superlink]\ndefault = {json.dumps(default)}\n"
+        for key, values in entries.items():
+            text += f"\n[superlink.{key}]\n" + "".join(
+                f"{k} = {json.dumps(v) if isinstance(v, (str, bool)) else v}\n"
+                for k, v in values.items()
+            )
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+
+
+def write_connection(flwr_home: Path, port: int) -> None:
+    _edit_connections(flwr_home, port, add=True)
+
+
+def remove_connection(flwr_home: Path, port: int) -> None:
+    _edit_connections(flwr_home, port, add=False)
 
 
 class SuperLink:
@@ -202,8 +240,8 @@ def _flwr(
     )
 
 
-def run_status(run_id: int, env: dict[str, str]) -> str:
-    res = _flwr(["list", CONNECTION, "--run-id", str(run_id), "--format", "json"], env)
+def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> str:
+    res = _flwr(["list", connection, "--run-id", str(run_id), "--format", "json"], env)
     try:
         data = json.loads(res.stdout)
         runs = data.get("runs") or []
@@ -218,6 +256,7 @@ def submit(
     run_config: dict[str, str],
     federation: dict[str, Any],
     flwr_home: Path,
+    connection: str = CONNECTION,
 ) -> int:
     cfg_file = flwr_home / f"run-config-{os.getpid()}.toml"
     cfg_file.write_text("".join(f"{k} = {_toml_str(v)}\n" for k, v in run_config.items()))
@@ -233,7 +272,7 @@ def submit(
         [
             "run",
             str(app_dir),
-            CONNECTION,
+            connection,
             "--run-config",
             str(cfg_file),
             "--federation-config",
@@ -283,6 +322,7 @@ def launch(
     try:
         superlink.wait_ready()
         write_connection(flwr_home, superlink.port)
+        connection = connection_name(superlink.port)
         run_id = submit(
             app_dir,
             env,
@@ -293,11 +333,12 @@ def launch(
                 "client-resources-num-gpus": gpus_per_device,
             },
             flwr_home,
+            connection,
         )
         print(f"[fedpeat] run {run_id} submitted; SuperLink log: {superlink.log_file}", flush=True)
         if stream:
             log_proc = subprocess.Popen(
-                [_bin("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env
+                [_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env
             )
         deadline = time.monotonic() + timeout_s
         next_check = 0.0
@@ -306,14 +347,14 @@ def launch(
             # with the run) is alive, often once it has ended.
             streaming = log_proc is not None and log_proc.poll() is None
             if now >= next_check:
-                status = run_status(run_id, env)
+                status = run_status(run_id, env, connection)
                 if status.startswith("finished"):
                     break
                 next_check = now + (20.0 if streaming else 3.0)
             time.sleep(0.5)
         else:
             status = f"timed out after {timeout_s:.0f}s (last status {status})"
-            _flwr(["stop", str(run_id), CONNECTION], env)
+            _flwr(["stop", str(run_id), connection], env)
     finally:
         if log_proc is not None:
             time.sleep(2.0)  # let the stream print the last lines
@@ -323,6 +364,7 @@ def launch(
             except subprocess.TimeoutExpired:
                 log_proc.kill()
         superlink.stop()
+        remove_connection(flwr_home, superlink.port)
         stop_marked(marker)  # SuperExec, simulation and Ray processes outside the group
     return _outcome(run_id, status, output_dir, marker)
 
