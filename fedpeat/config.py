@@ -212,6 +212,8 @@ class StrategyConfig:
     """Round structure and aggregation on the server."""
 
     name: str = "fedpeat"
+    """`fedpeat`: LoRA adapters travel; `fed_ft`: the baseline that fine-tunes and sends every
+    weight of the full model (`experiment=fed_ft`)."""
     aggregation: str = "fedavg"
     """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline);
     `exact`: per module the weighted mean of the updates B_i A_i, re-factorised by truncated SVD
@@ -431,6 +433,15 @@ def validate(cfg: Config) -> Config:
     _range("train.eval_batch_size", t.eval_batch_size, 1)
     _choice("train.device", t.device, DEVICES)
 
+    _choice("strategy.name", s.name, ("fedpeat", "fed_ft"))
+    if s.name == "fed_ft" and (
+        cfg.emulator.case != 3 or cfg.planner.enabled or s.aggregation != "fedavg"
+    ):
+        raise ConfigError(
+            "strategy.name=fed_ft (full fine-tuning of the full model on every device) needs "
+            "emulator=none (case 3), planner=none and strategy.aggregation=fedavg; "
+            "use experiment=fed_ft"
+        )
     _choice("strategy.aggregation", s.aggregation, AGGREGATIONS)
     _range("strategy.fraction_train", s.fraction_train, 0.0, 1.0, lo_open=True)
     _range("strategy.fraction_evaluate", s.fraction_evaluate, 0.0, 1.0)

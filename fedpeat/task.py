@@ -52,6 +52,7 @@ from fedpeat.emulator import (
     to_full_keys,
     unpackage,
 )
+from fedpeat.full_ft import full_state, set_full_state, trainable_full_model
 from fedpeat.importance import (
     candidate_modules,
     choose_modules,
@@ -110,6 +111,8 @@ class Plan:
     compute_dtype: str = ""
     """Dtype a quantized model computes in (the server's memory estimate assumed it); empty:
     the model's dtype."""
+    full_finetune: bool = False
+    """`fed_ft` baseline: the state is every weight of the full model, and all of it trains."""
 
     @classmethod
     def from_config(
@@ -225,6 +228,13 @@ def device_train(
     """Train the global adapter `state` locally; return (new state, figures, train set size)."""
     device = resolve_device(plan.train.device)
     train_data, _ = device_encoded(plan, partition_id, num_partitions)
+    if plan.full_finetune:
+        full = trainable_full_model(plan.model, device)
+        set_full_state(full, state)
+        seed = plan.seed + 1000 * plan.server_round + partition_id
+        pad = int(load_tokenizer(plan.model).pad_token_id)
+        result = local_train(full, train_data, plan.train, seed, pad, device)
+        return full_state(full), result, len(train_data)
     model, layers = _emulator_model(plan, node_key, device)
     set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
     pad_id = int(load_tokenizer(plan.model).pad_token_id)
@@ -241,9 +251,15 @@ def device_evaluate(
     """Perplexity of (emulator or full model) + `state` on the device's held-out split."""
     device = resolve_device(plan.train.device)
     _, test_data = device_encoded(plan, partition_id, num_partitions)
+    pad_id = int(load_tokenizer(plan.model).pad_token_id)
+    if plan.full_finetune:
+        full = trainable_full_model(plan.model, device)
+        set_full_state(full, state)
+        return evaluate_ppl(full, test_data, plan.train.eval_batch_size, pad_id, device), len(
+            test_data
+        )
     model, layers = _emulator_model(plan, node_key, device)
     set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
-    pad_id = int(load_tokenizer(plan.model).pad_token_id)
     return evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device), len(
         test_data
     )
@@ -292,6 +308,10 @@ class ServerModel:
         self.model = lora_model(cfg.model, self.adapter_cfg, self.device, self.adapter_layers)
         # Fresh LoRA: A random (seeded), B zero, so the plug-in starts equal to the base model.
         self.initial_state = initial_adapter_state(get_adapter_state(self.model), cfg.seed)
+        self.full_ft = cfg.strategy.name == "fed_ft"
+        if self.full_ft:  # the state is the whole model, starting from the base weights
+            self.full = trainable_full_model(cfg.model, self.device)
+            self.initial_state = full_state(self.full)
         self.adapter_params = int(sum(v.size for v in self.initial_state.values()))
         prefix = dict(self.base.named_modules())[layer_prefix(self.base, n_layers)]
         self._layer_params = [sum(p.numel() for p in layer.parameters()) for layer in prefix]
@@ -359,10 +379,18 @@ class ServerModel:
 
     # -- evaluation and training on the full model
 
-    def evaluate(self, state: AdapterState) -> EvalResult:
+    def _load(self, state: AdapterState) -> torch.nn.Module:
+        """The full model carrying `state` (the adapter, or under fed_ft every weight)."""
+        if self.full_ft:
+            set_full_state(self.full, state)
+            return self.full
         set_adapter_state(self.model, state)
+        return self.model
+
+    def evaluate(self, state: AdapterState) -> EvalResult:
+        model = self._load(state)
         return evaluate_ppl(
-            self.model, self.held_out, self.cfg.train.eval_batch_size, self.pad_id, self.device
+            model, self.held_out, self.cfg.train.eval_batch_size, self.pad_id, self.device
         )
 
     def train(
@@ -371,12 +399,11 @@ class ServerModel:
         """The server's own local update on the full model (collaborative tuning)."""
         if not self.train_data:
             raise ValueError("the server has no training data (data.server_train_fraction=0)")
-        set_adapter_state(self.model, state)
+        model = self._load(state)
         seed = self.cfg.seed + 1000 * server_round + 999_983  # distinct from every device's seed
-        result = local_train(
-            self.model, self.train_data, self.cfg.train, seed, self.pad_id, self.device
-        )
-        return get_adapter_state(self.model), result, len(self.train_data)
+        result = local_train(model, self.train_data, self.cfg.train, seed, self.pad_id, self.device)
+        new = full_state(self.full) if self.full_ft else get_adapter_state(self.model)
+        return new, result, len(self.train_data)
 
     # -- emulators
 
@@ -467,7 +494,13 @@ class ServerModel:
 
     def save_merged(self, state: AdapterState, directory: str) -> None:
         """Write the full model with `state` merged into its weights, plus the tokenizer: a
-        plain transformers model (no PEFT needed, and no adapter cost in the forward pass)."""
+        plain transformers model (no PEFT needed, and no adapter cost in the forward pass).
+        Under fed_ft: the fine-tuned model itself."""
+        if self.full_ft:
+            set_full_state(self.full, state)
+            self.full.save_pretrained(directory)
+            self.tokenizer.save_pretrained(directory)
+            return
         base = load_model(self.cfg.model, self.device, cached=False)
         peft_model = attach_lora(base, self.adapter_cfg, layers=self.adapter_layers)
         set_adapter_state(peft_model, state)

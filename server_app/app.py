@@ -84,8 +84,9 @@ def _run(grid: Grid, cfg: Config, run_dir: Path, checkpoint: Path | None = None)
 
     if cfg.controller.name != "none":
         strategy.control.save(run_dir / "controller.pt")
-    server.save_adapter(recorder.state, str(run_dir / "adapter"), model_location(cfg.model))
-    if cfg.export_merged:
+    if not server.full_ft:  # fed_ft trains every weight: its result is merged/ alone
+        server.save_adapter(recorder.state, str(run_dir / "adapter"), model_location(cfg.model))
+    if cfg.export_merged or server.full_ft:
         server.save_merged(recorder.state, str(run_dir / "merged"))
     rows = recorder.metrics.rows
     plot_metrics(rows, run_dir)

@@ -89,13 +89,14 @@ def device_latency_s(
     send_emulator: bool,
     adapter_bytes: float,
     tokens: float,
+    full_finetune: bool = False,
 ) -> float:
     """One device's round: receive (emulator if it lacks it) + adapter, train, send the adapter.
-    Uplink and downlink use the same link figures."""
+    Uplink and downlink use the same link figures. `full_finetune`: 6N compute (fed_ft)."""
     rate = rate_bps(profile.bandwidth_mhz * 1e6, profile.power_dbm, profile.distance_m, fading)
     down = adapter_bytes + (level.bytes if send_emulator else 0.0)
     return transmission_s(down, adapter_bytes, rate, rate) + compute_s(
-        tokens, level.params, profile.gflops * 1e9
+        tokens, level.params, profile.gflops * 1e9, full_finetune
     )
 
 
@@ -150,6 +151,7 @@ def price_round(
     adapter_bytes: float,
     tokens: float,
     check_memory: bool = True,
+    full_finetune: bool = False,
 ) -> RoundOutcome:
     """Apply `action` (0 skip, k level k-1) to the holdings and swap counts (updated in place)
     and price the round. A device given a level that does not fit its memory does not train and
@@ -174,7 +176,9 @@ def price_round(
                 if swap_counts[i] > w.swap_share * (round_index + 1):
                     out.swap_violations += 1
             holding[i] = a
-        t = device_latency_s(profiles[i], float(fading[i]), level, send, adapter_bytes, tokens)
+        t = device_latency_s(
+            profiles[i], float(fading[i]), level, send, adapter_bytes, tokens, full_finetune
+        )
         out.device_latency_s[i] = t
         out.trained.append(i)
     out.latency_s = max(out.device_latency_s.values(), default=0.0)

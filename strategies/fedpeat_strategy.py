@@ -179,7 +179,9 @@ class FedPEAT(Strategy):
         self.cfg = cfg
         self.server = server
         self.control = OnlineControl(cfg, [], checkpoint)  # levels priced at the first round
+        # The real state size: the adapter, or under fed_ft the whole model, each way.
         self.control.adapter_bytes = float(sum(v.nbytes for v in server.initial_state.values()))
+        self.control.full_finetune = cfg.strategy.name == "fed_ft"
         self.shapes = state_shapes(server.initial_state)
         self.rng = random.Random(cfg.seed)
         self.stats: dict[int, RoundStats] = {}
@@ -270,8 +272,11 @@ class FedPEAT(Strategy):
         fidelity from the configured retention curve when it is this model's)."""
         c, wire = self.cfg.controller, getattr(np, self.cfg.emulator.wire_dtype)
         curve = {p.keep: p for p in c.curve} if c.curve_model == self.cfg.model.name else {}
+        keeps = list(self.cfg.emulator.levels)
+        if self.cfg.emulator.case == 3 and 1.0 not in keeps:  # devices train the full model
+            keeps.append(1.0)
         out = []
-        for keep in self.cfg.emulator.levels:
+        for keep in keeps:
             shape = self.server.emulator_shape(keep)
             fidelity = min(1.0, c.ppl_full / curve[keep].ppl) if keep in curve else keep
             out.append(
@@ -404,6 +409,7 @@ class FedPEAT(Strategy):
                     stats.exchanges += 1
                     stats.emulator_bytes += sent_bytes
             plan = Plan.from_config(self.cfg, server_round, ref)
+            plan.full_finetune = self.server.full_ft
             plan.adapter_layers = self.server.adapter_layers
             if device_plan is not None:
                 plan.adapter = self.server.device_adapter(device_plan.rank, device_plan.share)
@@ -433,7 +439,7 @@ class FedPEAT(Strategy):
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         levels_sent = {n: d.level for n, d in stats.devices.items()}
         stats.action = {n: levels_sent.get(n) for n in sorted(assignments)}
-        keeps = self.cfg.emulator.levels
+        keeps = [lv.keep for lv in self.control.levels]
         sent = {n: keeps.index(lv) + 1 for n, lv in levels_sent.items() if lv in keeps}
         if self.cfg.emulator.case == 3:  # devices hold the full model: nothing to download
             holding = [sent.get(n, 0) for n in self.control.nodes]

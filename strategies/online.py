@@ -149,12 +149,14 @@ class OnlineControl:
             self._adapter_bytes,
             self._tokens,
             check_memory=False,
+            full_finetune=self.full_finetune,
         )
         outcome.memory_violations += violations
         self.pending = Transition(dict(zip(self.nodes, action, strict=True)), outcome)
         return self.pending
 
     adapter_bytes: float = 0.0
+    full_finetune: bool = False
 
     @property
     def _adapter_bytes(self) -> float:

@@ -220,3 +220,31 @@ def test_controllers_choose_devices_and_price_the_rounds(
     assert all(np.isfinite(r["reward"]) for r in rows[1:])
     state = torch.load(run_dir / "controller.pt", weights_only=False)
     assert state["controller"]["updates"] == 2 and state["round"] == 2
+
+
+def test_fed_ft_trains_and_sends_every_weight(tmp_path, server_identity, device_disks) -> None:
+    import json
+
+    cfg = compose("experiment=tiny emulator=none strategy.name=fed_ft rounds=1")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    full = load_model(cfg.model, cached=False)
+    model_bytes = sum(p.numel() * 4 for p in full.parameters())  # fp32, tied weights once
+    row = rows[1]
+    assert row["num_clients"] == 2 and row["exchanges"] == 0
+    # the whole model goes down to each device (train and evaluate) and up from each
+    for d in row["devices"]:
+        assert d["bytes_down"] >= model_bytes and d["bytes_up"] >= model_bytes
+    assert row["latency_s"] > 0
+    assert not (run_dir / "adapter").exists()
+    tuned = type(full).from_pretrained(run_dir / "merged")
+    changed = [
+        n
+        for (n, a), b in zip(full.named_parameters(), tuned.parameters(), strict=True)
+        if not np.allclose(a.detach().numpy(), b.detach().numpy())
+    ]
+    assert len(changed) == len(list(full.parameters()))  # every weight trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["bytes_total"] >= 4 * model_bytes
