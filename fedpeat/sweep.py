@@ -6,13 +6,16 @@
 Sweep values use Hydra's override grammar (`key=a,b,c`, `range(...)`, `choice(...)`); every
 combination runs once under the local simulation (`fedpeat.launch`), then
 `<output>/sweep-<time>/comparison.md|json|png` compare plug-in perplexity, modelled time to the
-target, bytes and reward. A failed run is a row with its status, not the end of the sweep.
+target, bytes and reward. Every run starts with empty device emulator caches (as a first run
+does), so no run is spared the downloads an earlier one paid. A failed run is a row with its
+status, not the end of the sweep.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shlex
 import sys
 import time
@@ -148,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, combo in enumerate(combos, 1):
         label = _label(combo, swept)
         print(f"[sweep] {i}/{len(combos)}: {' '.join(combo)}", flush=True)
+        # Fresh device disks per run: a run must not find the emulators an earlier run of the
+        # sweep left on the devices (it would be charged no downloads).
+        os.environ["FEDPEAT_DEVICE_CACHE_DIR"] = str(out / f"devices-{i}")
         try:
             o = launch(args.devices, " ".join(combo), args.output_dir, stream=False)
             run = {
