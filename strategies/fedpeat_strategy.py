@@ -376,7 +376,6 @@ class FedPEAT(Strategy):
             assignments = self.assign(sampled)
         else:
             assignments, violations = self._controlled(options)
-        holding = self._holding()  # before this round's emulators are sent
         levels = {n: a.level for n, a in assignments.items() if a.level is not None}
         plans = self._plan(levels) if self.cfg.planner.enabled else {}
         for node, assignment in assignments.items():
@@ -439,6 +438,9 @@ class FedPEAT(Strategy):
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.TRAIN))
         levels_sent = {n: d.level for n, d in stats.devices.items()}
         stats.action = {n: levels_sent.get(n) for n in sorted(assignments)}
+        # Holdings as they were before this round (replies update them); now that this round's
+        # packages exist, a device that already holds its level is recognised by the digest.
+        holding = self._holding()
         keeps = [lv.keep for lv in self.control.levels]
         sent = {n: keeps.index(lv) + 1 for n, lv in levels_sent.items() if lv in keeps}
         if self.cfg.emulator.case == 3:  # devices hold the full model: nothing to download
