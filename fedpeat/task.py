@@ -228,18 +228,16 @@ def device_train(
     """Train the global adapter `state` locally; return (new state, figures, train set size)."""
     device = resolve_device(plan.train.device)
     train_data, _ = device_encoded(plan, partition_id, num_partitions)
-    if plan.full_finetune:
-        full = trainable_full_model(plan.model, device)
-        set_full_state(full, state)
-        seed = plan.seed + 1000 * plan.server_round + partition_id
-        pad = int(load_tokenizer(plan.model).pad_token_id)
-        result = local_train(full, train_data, plan.train, seed, pad, device)
-        return full_state(full), result, len(train_data)
-    model, layers = _emulator_model(plan, node_key, device)
-    set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
     pad_id = int(load_tokenizer(plan.model).pad_token_id)
     # Per-device, per-round seed: devices draw different batches, reruns draw the same ones.
     seed = plan.seed + 1000 * plan.server_round + partition_id
+    if plan.full_finetune:
+        full = trainable_full_model(plan.model, device)
+        set_full_state(full, state)
+        result = local_train(full, train_data, plan.train, seed, pad_id, device)
+        return full_state(full), result, len(train_data)
+    model, layers = _emulator_model(plan, node_key, device)
+    set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
     result = local_train(model, train_data, plan.train, seed, pad_id, device)
     new_state = get_adapter_state(model)
     return (to_full_keys(new_state, layers) if layers else new_state), result, len(train_data)

@@ -16,7 +16,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,17 +24,9 @@ import numpy as np
 import torch
 
 from fedpeat.config import Config, ConfigError, compose
-from strategies.controllers import (
-    Controller,
-    Fixed,
-    Greedy,
-    PPOController,
-    RandomController,
-    load_learner,
-    new_learner,
-)
+from strategies.controllers import Controller, load_learner, make_controller, new_learner
 from strategies.edge_env import EdgeEnv, make_env
-from strategies.ppo import Batch, PPOLearner
+from strategies.ppo import Batch
 
 
 def pretrain(cfg: Config, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -142,14 +134,18 @@ def compare(cfg: Config, checkpoint: Path, seeds: int, episodes: int) -> dict[st
     """Mean episode return per controller and seed (episodes per seed share their env seeds
     across controllers), then mean and std over seeds."""
     env = make_env(cfg)
-    keeps = cfg.emulator.levels
-    learner: PPOLearner = load_learner(checkpoint, cfg.controller, env.n, env.k, cfg.seed)
+    keeps, c = cfg.emulator.levels, cfg.controller
+    load_learner(checkpoint, c, env.n, env.k, cfg.seed)  # a clear error before any episode
+    variants = {
+        "fixed": replace(c, name="fixed"),
+        "random": replace(c, name="random"),
+        "greedy": replace(c, name="greedy"),
+        "greedy_all": replace(c, name="greedy", greedy_fraction=1.0),
+        "ppo": replace(c, name="ppo"),  # episodes give no feedback: the policy stays as loaded
+    }
     makers: dict[str, Callable[[int], Controller]] = {
-        "fixed": lambda s: Fixed(keeps.index(cfg.controller.fixed_level)),
-        "random": lambda s: RandomController(env.k, s),
-        "greedy": lambda s: Greedy(cfg.controller.greedy_fraction),
-        "greedy_all": lambda s: Greedy(1.0),
-        "ppo": lambda s: PPOController(learner, every=10**9, lr=0.0),
+        name: (lambda s, v=v: make_controller(v, keeps, env.n, s, checkpoint))  # type: ignore[misc]
+        for name, v in variants.items()
     }
     table: dict[str, Any] = {}
     for name, make in makers.items():

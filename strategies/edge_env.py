@@ -82,6 +82,13 @@ def channel_gain_db(distance_m: float, fading: float) -> float:
     return -path_loss_db(distance_m) + 10.0 * math.log10(max(fading, 1e-12))
 
 
+def gains_db(profiles: Sequence[DeviceProfile], fading: np.ndarray) -> np.ndarray:
+    """(N,) channel gain of every device for this round's fading draws."""
+    return np.array(
+        [channel_gain_db(p.distance_m, f) for p, f in zip(profiles, fading, strict=True)]
+    )
+
+
 def device_latency_s(
     profile: DeviceProfile,
     fading: float,
@@ -278,12 +285,7 @@ class EdgeEnv(gym.Env[np.ndarray, np.ndarray]):
     def _draw_fading(self) -> None:
         self.fading = self._rng.exponential(1.0, self.n)
         assert self.situation is not None
-        self.situation.gain_db = np.array(
-            [
-                channel_gain_db(p.distance_m, f)
-                for p, f in zip(self.profiles, self.fading, strict=True)
-            ]
-        )
+        self.situation.gain_db = gains_db(self.profiles, self.fading)
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None

@@ -178,10 +178,12 @@ class FedPEAT(Strategy):
     def __init__(self, cfg: Config, server: ServerModel, checkpoint: Path | None = None) -> None:
         self.cfg = cfg
         self.server = server
-        self.control = OnlineControl(cfg, [], checkpoint)  # levels priced at the first round
-        # The real state size: the adapter, or under fed_ft the whole model, each way.
-        self.control.adapter_bytes = float(sum(v.nbytes for v in server.initial_state.values()))
-        self.control.full_finetune = cfg.strategy.name == "fed_ft"
+        self.control = OnlineControl(
+            cfg,
+            checkpoint,
+            float(sum(v.nbytes for v in server.initial_state.values())),
+            cfg.strategy.name == "fed_ft",
+        )
         self.shapes = state_shapes(server.initial_state)
         self.rng = random.Random(cfg.seed)
         self.stats: dict[int, RoundStats] = {}

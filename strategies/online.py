@@ -25,7 +25,7 @@ from strategies.edge_env import (
     RoundOutcome,
     Situation,
     Weights,
-    channel_gain_db,
+    gains_db,
     price_round,
     reward,
 )
@@ -45,8 +45,17 @@ class OnlineControl:
     """Device order is fixed at the first round (nodes sorted by partition id), so device i of
     the policy is `devices.profiles[i % len]` as in the environment it was pre-trained on."""
 
-    def __init__(self, cfg: Config, levels: list[Level], checkpoint: Path | None) -> None:
-        self.cfg, self.levels = cfg, levels
+    def __init__(
+        self,
+        cfg: Config,
+        checkpoint: Path | None,
+        adapter_bytes: float,
+        full_finetune: bool = False,
+    ) -> None:
+        """`adapter_bytes`: the real state size each way per device (under fed_ft the model);
+        the levels are set at the first round, when the server can price them."""
+        self.cfg, self.levels = cfg, list[Level]()
+        self.adapter_bytes, self.full_finetune = adapter_bytes, full_finetune
         c = cfg.controller
         self.weights = Weights(
             c.w_ppl, c.w_latency, c.w_swaps, c.memory_penalty, c.swap_penalty, c.swap_share
@@ -105,12 +114,7 @@ class OnlineControl:
 
     def situation(self, holding: list[int]) -> Situation:
         return Situation(
-            gain_db=np.array(
-                [
-                    channel_gain_db(p.distance_m, f)
-                    for p, f in zip(self.profiles, self.fading, strict=True)
-                ]
-            ),
+            gain_db=gains_db(self.profiles, self.fading),
             memory_mb=np.array([p.memory_mb for p in self.profiles], dtype=np.float64),
             need_mb=np.array([lv.need_mb for lv in self.levels]),
             fidelity=np.array([lv.fidelity for lv in self.levels]),
@@ -146,7 +150,7 @@ class OnlineControl:
             self.swap_counts,  # updated in place: the devices' swap history
             self.round_index,
             self.weights,
-            self._adapter_bytes,
+            self.adapter_bytes,
             self._tokens,
             check_memory=False,
             full_finetune=self.full_finetune,
@@ -154,13 +158,6 @@ class OnlineControl:
         outcome.memory_violations += violations
         self.pending = Transition(dict(zip(self.nodes, action, strict=True)), outcome)
         return self.pending
-
-    adapter_bytes: float = 0.0
-    full_finetune: bool = False
-
-    @property
-    def _adapter_bytes(self) -> float:
-        return self.adapter_bytes or self.cfg.controller.adapter_bytes
 
     @property
     def _tokens(self) -> float:
