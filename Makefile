@@ -20,7 +20,7 @@ OVERRIDES ?=
 ARGS ?=
 SWEEP ?= controller=fixed,random,greedy,ppo
 
-.PHONY: run test lint bench deps clean-runs sweep pretrain
+.PHONY: run test lint bench deps clean-runs sweep pretrain deploy certs
 
 $(BIN)/.deps: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "python3.11 not found"; exit 1; }
@@ -39,6 +39,17 @@ deps: $(BIN)/.deps
 
 run: $(BIN)/.deps
 	$(BIN)/python -m fedpeat.launch --devices $(DEVICES) --overrides "$(OVERRIDES)" $(ARGS)
+
+# The same app as a real deployment on loopback: a SuperLink and NODES SuperNodes, e.g.
+#   make deploy NODES=2 OVERRIDES="experiment=tiny" ARGS="--secure --node-config memory-mb=900"
+NODES ?= 2
+deploy: $(BIN)/.deps
+	$(BIN)/python -m fedpeat.deploy --nodes $(NODES) --overrides "$(OVERRIDES)" $(ARGS)
+
+# TLS certificates and SuperNode keys for a real deployment (see the README's Deployment).
+HOST ?= 127.0.0.1
+certs: $(BIN)/.deps
+	$(BIN)/python -m fedpeat.certs --host $(HOST) --nodes $(NODES) --out keys
 
 # A Hydra sweep of runs ending in one comparison table and plot (runs/sweep-*/).
 sweep: $(BIN)/.deps

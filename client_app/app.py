@@ -62,9 +62,10 @@ def _store_emulator(msg: Message, plan: Plan, context: Context) -> None:
 @app.query()
 def profile(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
-    memory = context.node_config.get("memory-mb")
+    query = msg.content.config_records.get(PLAN_KEY)
+    plan = Plan.from_json(str(query["plan"])) if query and "plan" in query else None
     prof = device_profile(
-        _node_key(context), partition_id, num_partitions, float(memory) if memory else None
+        _node_key(context), partition_id, num_partitions, context.node_config, plan
     )
     return Message(RecordDict({PROFILE_KEY: ConfigRecord(prof)}), reply_to=msg)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import threading
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
@@ -205,6 +206,10 @@ class DevicesConfig:
     """Profiles of simulated devices; device i gets profiles[i % len(profiles)]."""
 
     profiles: list[DeviceProfile] = field(default_factory=lambda: [DeviceProfile()])
+    from_nodes: bool = False
+    """Deployment: a node's budget is the memory it detects (capped by its node config
+    memory-mb); `profiles` only fill link figures a node does not report, recorded as assumed.
+    False (simulation): a node's detection is the shared host's, so `profiles` give the budget."""
 
 
 @dataclass
@@ -594,6 +599,9 @@ def _register_schema() -> None:
     ConfigStore.instance().store(name="schema", node=Config)
 
 
+_COMPOSE_LOCK = threading.Lock()
+
+
 def compose(overrides: list[str] | str = "", conf_dir: Path = CONF_DIR) -> Config:
     """Compose `conf/config.yaml` with Hydra overrides and return the validated `Config`.
 
@@ -609,7 +617,8 @@ def compose(overrides: list[str] | str = "", conf_dir: Path = CONF_DIR) -> Confi
         overrides = shlex.split(overrides)
     _register_schema()
     try:
-        with initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
+        # Hydra's instance is process-global: threads (side-by-side launches) take turns.
+        with _COMPOSE_LOCK, initialize_config_dir(config_dir=str(conf_dir), version_base="1.3"):
             raw = hydra_compose(config_name="config", overrides=list(overrides))
         merged = OmegaConf.merge(OmegaConf.structured(Config), raw)
         cfg = OmegaConf.to_object(merged)

@@ -23,6 +23,7 @@ import sys
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,7 @@ def connection_name(port: int) -> str:
     return f"{CONNECTION}-{port}"
 
 
-def _edit_connections(flwr_home: Path, port: int, add: bool) -> None:
+def _edit_connections(flwr_home: Path, port: int, add: bool, root_cert: Path | None = None) -> None:
     """Add (or remove) this SuperLink's connection in config.toml under a file lock, keeping
     the other launches' entries; the file is replaced atomically."""
     import fcntl
@@ -107,7 +108,11 @@ def _edit_connections(flwr_home: Path, port: int, add: bool) -> None:
         entries = {k: v for k, v in entries.items() if isinstance(v, dict)}
         name = connection_name(port)
         if add:
-            entries[name] = {"address": f"127.0.0.1:{port}", "insecure": True}
+            entries[name] = (
+                {"address": f"127.0.0.1:{port}", "root-certificates": str(root_cert)}
+                if root_cert
+                else {"address": f"127.0.0.1:{port}", "insecure": True}
+            )
         else:
             entries.pop(name, None)
         default = name if add else next(iter(entries), CONNECTION)
@@ -122,26 +127,87 @@ def _edit_connections(flwr_home: Path, port: int, add: bool) -> None:
         tmp.replace(path)
 
 
-def write_connection(flwr_home: Path, port: int) -> None:
-    _edit_connections(flwr_home, port, add=True)
+def write_connection(flwr_home: Path, port: int, root_cert: Path | None = None) -> None:
+    """Name this SuperLink in config.toml (TLS with `root_cert`, else insecure)."""
+    _edit_connections(flwr_home, port, True, root_cert)
 
 
 def remove_connection(flwr_home: Path, port: int) -> None:
     _edit_connections(flwr_home, port, add=False)
 
 
-class SuperLink:
-    """A simulation SuperLink we own: started in its own process group, stopped with it."""
+@dataclass(frozen=True)
+class Tls:
+    """The SuperLink's TLS files (`fedpeat.certs` makes them)."""
 
-    def __init__(self, flwr_home: Path, env: dict[str, str]) -> None:
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+
+class _Process:
+    """A process we start in its own group (its children join it) and stop with the group."""
+
+    proc: subprocess.Popen[bytes]
+    out_file: Path
+
+    def _start(self, cmd: list[str], env: dict[str, str], out_file: Path) -> None:
+        self.out_file = out_file
+        with out_file.open("wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+    def stop(self) -> None:
+        """SIGTERM the whole process group, then SIGKILL what is left."""
+        stop_all([self])
+
+
+def stop_all(processes: list[_Process], grace_s: float = 15.0) -> None:
+    """SIGTERM every process group at once, wait up to `grace_s` for all of them together, then
+    SIGKILL what is left (one shared grace period, not one per process)."""
+    for p in processes:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+    while time.monotonic() < deadline and any(_group_alive(p.proc.pid) for p in processes):
+        time.sleep(0.3)
+    for p in processes:
+        if _group_alive(p.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.proc.pid, signal.SIGKILL)
+        if p.proc.poll() is None:
+            p.proc.wait(timeout=5)
+
+
+class SuperLink(_Process):
+    """A SuperLink we own on a free loopback port: simulation (Ray runs the devices) or
+    deployment (SuperNodes connect), with TLS and SuperNode authentication when asked."""
+
+    def __init__(
+        self,
+        flwr_home: Path,
+        env: dict[str, str],
+        simulation: bool = True,
+        tls: Tls | None = None,
+        node_auth: bool = False,
+    ) -> None:
         self.port = free_port()
+        self.tls = tls
         flwr_home.mkdir(parents=True, exist_ok=True)
         self.log_file = flwr_home / f"superlink-{self.port}.log"
-        self.out_file = flwr_home / f"superlink-{self.port}.out"
+        security = ["--insecure"]
+        if tls:
+            security = ["--ssl-ca-certfile", str(tls.ca_cert), "--ssl-certfile", str(tls.cert)]
+            security += ["--ssl-keyfile", str(tls.key)]
         cmd = [
             _bin("flower-superlink"),
-            "--insecure",
-            "--simulation",
+            *security,
+            *(["--simulation"] if simulation else []),
+            *(["--enable-supernode-auth"] if node_auth else []),
             "--isolation",
             "subprocess",
             "--disable-runtime-dependency-installation",
@@ -152,16 +218,14 @@ class SuperLink:
             "--log-file",
             str(self.log_file),
         ]
-        with self.out_file.open("wb") as out:
-            self.proc = subprocess.Popen(
-                cmd,
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its children (simulation, Ray) share this group
-            )
+        self._start(cmd, env, flwr_home / f"superlink-{self.port}.out")
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        scheme, context = "http", None
+        if self.tls:
+            import ssl
+
+            scheme, context = "https", ssl.create_default_context(cafile=str(self.tls.ca_cert))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -169,27 +233,41 @@ class SuperLink:
                     f"SuperLink exited with code {self.proc.returncode}; see {self.out_file}"
                 )
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
+                url = f"{scheme}://127.0.0.1:{self.port}/health"
+                with urllib.request.urlopen(url, timeout=1, context=context):
                     return
             except OSError:
                 time.sleep(0.3)
         raise TimeoutError(f"SuperLink not ready on port {self.port} after {timeout:.0f}s")
 
-    def stop(self) -> None:
-        """SIGTERM the whole process group, then SIGKILL what is left."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=15)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _group_alive(self.proc.pid):
-            time.sleep(0.3)
-        if _group_alive(self.proc.pid):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=5)
+
+class SuperNode(_Process):
+    """One edge device: a SuperNode connected to `superlink_port` on loopback."""
+
+    def __init__(
+        self,
+        superlink_port: int,
+        node_config: str,
+        env: dict[str, str],
+        log_dir: Path,
+        root_cert: Path | None = None,
+        auth_key: Path | None = None,
+    ) -> None:
+        self.port = free_port()  # its ClientApp runtime API
+        cmd = [
+            _bin("flower-supernode"),
+            *(["--root-certificates", str(root_cert)] if root_cert else ["--insecure"]),
+            *(["--auth-supernode-private-key", str(auth_key)] if auth_key else []),
+            "--superlink",
+            f"127.0.0.1:{superlink_port}",
+            "--port",
+            str(self.port),
+            "--node-config",
+            node_config,
+            "--max-wait-time",
+            "120",
+        ]
+        self._start(cmd, env, log_dir / f"supernode-{self.port}.out")
 
 
 def marked_pids(marker: str) -> list[int]:
@@ -232,7 +310,7 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
-def _flwr(
+def flwr_cli(
     args: list[str], env: dict[str, str], timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -241,7 +319,7 @@ def _flwr(
 
 
 def run_status(run_id: int, env: dict[str, str], connection: str = CONNECTION) -> str:
-    res = _flwr(["list", connection, "--run-id", str(run_id), "--format", "json"], env)
+    res = flwr_cli(["list", connection, "--run-id", str(run_id), "--format", "json"], env)
     try:
         data = json.loads(res.stdout)
         runs = data.get("runs") or []
@@ -268,18 +346,11 @@ def submit(
         return json.dumps(v) if isinstance(v, str) else str(v)
 
     fed = " ".join(f"{k}={toml_value(v)}" for k, v in federation.items())
-    res = _flwr(
-        [
-            "run",
-            str(app_dir),
-            connection,
-            "--run-config",
-            str(cfg_file),
-            "--federation-config",
-            fed,
-            "--format",
-            "json",
-        ],
+    # Deployment has no federation options: the SuperNodes are whoever connected.
+    fed_args = ["--federation-config", fed] if fed else []
+    args = ["run", str(app_dir), connection, "--run-config", str(cfg_file), *fed_args]
+    res = flwr_cli(
+        [*args, "--format", "json"],
         env,
         timeout=300,
     )
@@ -290,6 +361,50 @@ def submit(
     if not data.get("success") or not data.get("run-id"):
         raise RuntimeError(f"flwr run failed to submit the run:\n{res.stdout}\n{res.stderr}")
     return int(data["run-id"])
+
+
+def follow_run(
+    run_id: int,
+    env: dict[str, str],
+    connection: str,
+    timeout_s: float,
+    stream: bool = True,
+    broken: Callable[[], str | None] = lambda: None,
+) -> str:
+    """Stream the run's log (optional) and poll its status until it has finished, `timeout_s`
+    passed or `broken()` names a reason it cannot finish (then stop it); the last status."""
+    log_proc = (
+        subprocess.Popen([_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env)
+        if stream
+        else None
+    )
+    status = "unknown"
+    try:
+        deadline = time.monotonic() + timeout_s
+        next_check = 0.0
+        while (now := time.monotonic()) < deadline:
+            # Each `flwr list` costs a second of CPU: ask rarely while the log stream (which ends
+            # with the run) is alive, often once it has ended.
+            streaming = log_proc is not None and log_proc.poll() is None
+            if now >= next_check:
+                status = run_status(run_id, env, connection)
+                if status.startswith("finished"):
+                    return status
+                next_check = now + (20.0 if streaming else 3.0)
+            if reason := broken():
+                flwr_cli(["stop", str(run_id), connection], env)
+                return f"stopped: {reason}"
+            time.sleep(0.5)
+        flwr_cli(["stop", str(run_id), connection], env)
+        return f"timed out after {timeout_s:.0f}s (last status {status})"
+    finally:
+        if log_proc is not None:
+            time.sleep(2.0)  # let the stream print the last lines
+            log_proc.terminate()
+            try:
+                log_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                log_proc.kill()
 
 
 def launch(
@@ -316,7 +431,6 @@ def launch(
     marker = uuid.uuid4().hex
     env = flwr_env(flwr_home, marker)
     superlink = SuperLink(flwr_home, env)
-    log_proc: subprocess.Popen[bytes] | None = None
     run_id: int | None = None
     status = "not started"
     try:
@@ -336,40 +450,15 @@ def launch(
             connection,
         )
         print(f"[fedpeat] run {run_id} submitted; SuperLink log: {superlink.log_file}", flush=True)
-        if stream:
-            log_proc = subprocess.Popen(
-                [_bin("flwr"), "log", str(run_id), connection, "--stream"], env=env
-            )
-        deadline = time.monotonic() + timeout_s
-        next_check = 0.0
-        while (now := time.monotonic()) < deadline:
-            # Each `flwr list` costs a second of CPU: ask rarely while the log stream (which ends
-            # with the run) is alive, often once it has ended.
-            streaming = log_proc is not None and log_proc.poll() is None
-            if now >= next_check:
-                status = run_status(run_id, env, connection)
-                if status.startswith("finished"):
-                    break
-                next_check = now + (20.0 if streaming else 3.0)
-            time.sleep(0.5)
-        else:
-            status = f"timed out after {timeout_s:.0f}s (last status {status})"
-            _flwr(["stop", str(run_id), connection], env)
+        status = follow_run(run_id, env, connection, timeout_s, stream)
     finally:
-        if log_proc is not None:
-            time.sleep(2.0)  # let the stream print the last lines
-            log_proc.terminate()
-            try:
-                log_proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                log_proc.kill()
         superlink.stop()
         remove_connection(flwr_home, superlink.port)
         stop_marked(marker)  # SuperExec, simulation and Ray processes outside the group
-    return _outcome(run_id, status, output_dir, marker)
+    return outcome_of(run_id, status, output_dir, marker)
 
 
-def _outcome(run_id: int | None, status: str, output_dir: Path, marker: str) -> Outcome:
+def outcome_of(run_id: int | None, status: str, output_dir: Path, marker: str) -> Outcome:
     run_dir = None
     if run_id is not None and output_dir.is_dir():
         matches = sorted(output_dir.glob(f"*-{run_id}"))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -263,19 +264,74 @@ def device_evaluate(
     )
 
 
+# Node-config keys a device may set about itself (deployment: `flower-supernode --node-config`).
+# memory-mb caps what it detects; the others are its link and compute figures for the cost model.
+NODE_FIGURES = ("memory-mb", "gflops", "bandwidth-mhz", "power-dbm", "distance-m")
+
+
+def available_memory_mb(device: torch.device) -> float:
+    """Memory this device could give training now: free CUDA memory on a GPU, the kernel's
+    MemAvailable (free plus reclaimable cache) on a CPU; -1 when neither can be read."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free / MiB
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / MiB
+    except (ValueError, OSError):
+        return -1.0
+
+
+def node_figures(node_config: Mapping[str, Any]) -> dict[str, float | str]:
+    """The figures a node's config sets about the device (`NODE_FIGURES`, and `profile`, a
+    name), checked: each must be a positive number (power-dbm: any number)."""
+    out: dict[str, float | str] = {}
+    for key in NODE_FIGURES:
+        if key not in node_config:
+            continue
+        raw = node_config[key]
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ValueError(f"node config {key}={raw!r} is not a number") from None
+        if not np.isfinite(value) or (key != "power-dbm" and value <= 0):
+            raise ValueError(f"node config {key}={raw!r} must be a positive number")
+        out[key] = value
+    if "profile" in node_config:
+        out["profile"] = str(node_config["profile"])
+    return out
+
+
 def device_profile(
-    node_key: str, partition_id: int, num_partitions: int, memory_mb: float | None
+    node_key: str,
+    partition_id: int,
+    num_partitions: int,
+    node_config: Mapping[str, Any],
+    plan: Plan | None = None,
 ) -> dict[str, Any]:
-    """What a device tells the server about itself before the first round."""
-    return {
+    """What a device tells the server about itself before its first round: partition, the
+    memory it detects, compute, data size (the training examples it has under the server's
+    data config, when `plan` carries one), held emulators, and the figures its node config
+    gives (memory-mb caps the detection). Missing figures are absent, never guessed here."""
+    device = resolve_device(plan.train.device if plan is not None else "auto")
+    prof: dict[str, Any] = {
         "partition-id": partition_id,
         "num-partitions": num_partitions,
-        "memory-mb": -1.0 if memory_mb is None else float(memory_mb),
-        "compute": "cuda" if torch.cuda.is_available() else "cpu",
-        "bf16": fast_bf16(resolve_device("auto")),
+        "detected-memory-mb": available_memory_mb(device),
+        "compute": device.type,
+        "bf16": fast_bf16(device),
         # A comma-joined string, not a list: Flower cannot size an empty list in a ConfigRecord.
         "holds": ",".join(held_emulators(node_key)),
     }
+    prof |= node_figures(node_config)
+    if plan is not None:
+        prof["data-size"] = len(device_encoded(plan, partition_id, num_partitions)[0])
+    return prof
 
 
 # --------------------------------------------------------------------------- server side

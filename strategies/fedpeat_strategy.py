@@ -145,6 +145,8 @@ class RoundStats:
     devices: dict[int, DeviceRound] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    profiles: dict[int, dict[str, Any]] = field(default_factory=dict)
+    """Profiles first heard this round: the node's report, the figures used, what was assumed."""
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -169,6 +171,7 @@ class RoundStats:
             "devices": [vars(d) for d in self.devices.values()],
             "skipped": self.skipped,
             "rejected": self.rejected,
+            "profiles": {str(n): p for n, p in self.profiles.items()},
         }
 
 
@@ -213,9 +216,11 @@ class FedPEAT(Strategy):
         missing = [n for n in nodes if n not in self.profiles]
         if not missing:
             return
+        # The plan tells a device which data config to count its training examples under.
+        query = ConfigRecord({"ask": "profile", "plan": Plan.from_config(self.cfg, 0).to_json()})
         msgs = [
             Message(
-                RecordDict({PLAN_KEY: ConfigRecord({"ask": "profile"})}),
+                RecordDict({PLAN_KEY: query}),
                 dst_node_id=n,
                 message_type=MessageType.QUERY,
             )
@@ -237,13 +242,15 @@ class FedPEAT(Strategy):
                 )
                 continue
             prof: dict[str, Any] = dict(reply.content.config_records[PROFILE_KEY])
-            # Simulation: the node does not know its budget or link; the devices= profile does.
+            # What a node does not report about itself comes from the devices= profile.
             profiles = self.cfg.devices.profiles
             sim = profiles[int(prof["partition-id"]) % len(profiles)]
-            self.device_profiles[node] = profile_of(prof, sim)
-            prof["memory-mb"] = self.device_profiles[node].memory_mb
-            prof["profile"] = self.device_profiles[node].name
+            device, assumed = profile_of(prof, sim, self.cfg.devices.from_nodes)
+            self.device_profiles[node] = device
+            prof["memory-mb"] = device.memory_mb
+            prof["profile"] = device.name
             self.profiles[node] = prof
+            stats.profiles[node] = {**prof, **vars(device), "assumed": assumed}
             self.holdings[node] = {d for d in str(prof.get("holds", "")).split(",") if d}
 
     def _sample(self, nodes: list[int], fraction: float) -> list[int]:
@@ -327,7 +334,10 @@ class FedPEAT(Strategy):
         return self.control.holding(self.holdings, self.server.package_digests())
 
     def _data_size(self, node: int) -> int:
-        """The device's partition size (the planner's data term), from the shared data seed."""
+        """The device's training examples (the planner's data term): what it reported, else its
+        partition's size under the shared data seed."""
+        if int(self.profiles[node].get("data-size", 0)) > 0:
+            return int(self.profiles[node]["data-size"])
         n = int(self.profiles[node]["num-partitions"])
         if n not in self._data_sizes:
             self._data_sizes[n] = partition_sizes(self.cfg.data, self.cfg.partition, n)

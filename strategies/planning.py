@@ -156,15 +156,47 @@ def plan_devices(
     return out
 
 
-def profile_of(prof: Mapping[str, Any], sim: DeviceProfile) -> DeviceProfile:
-    """A node's reported profile, with the simulated profile filling what it does not report."""
-    memory = float(prof.get("memory-mb", -1.0))
-    return DeviceProfile(
+# A node's report key -> DeviceProfile field, for the figures the devices= profile can fill.
+_LINK = {
+    "gflops": "gflops",
+    "bandwidth-mhz": "bandwidth_mhz",
+    "power-dbm": "power_dbm",
+    "distance-m": "distance_m",
+}
+
+
+def profile_of(
+    prof: Mapping[str, Any], sim: DeviceProfile, from_nodes: bool = False
+) -> tuple[DeviceProfile, list[str]]:
+    """The profile the planner and controller use for a node, and the fields taken from the
+    `devices=` profile `sim` because the node did not report them (recorded as assumed).
+
+    Memory: a budget the node's config sets (memory-mb) wins, capped by what it detects when
+    `from_nodes` (deployment). Without one, a deployed node's detected memory is its budget; a
+    simulated node's detection is the shared host's, so the devices= profile gives it instead.
+    Link and compute figures: the node's, else the devices= profile's.
+    """
+    assumed: list[str] = []
+    cap = float(prof.get("memory-mb", -1.0))
+    detected = float(prof.get("detected-memory-mb", -1.0))
+    if cap > 0:
+        memory = min(cap, detected) if from_nodes and detected > 0 else cap
+    elif from_nodes and detected > 0:
+        memory = detected
+    else:
+        memory = sim.memory_mb
+        assumed.append("memory_mb")
+    figures: dict[str, float] = {}
+    for key, name in _LINK.items():
+        if key in prof:
+            figures[name] = float(prof[key])
+        else:
+            figures[name] = float(getattr(sim, name))
+            assumed.append(name)
+    profile = DeviceProfile(
         name=str(prof.get("profile", sim.name)),
-        memory_mb=memory if memory > 0 else sim.memory_mb,
-        gflops=float(prof.get("gflops", sim.gflops)),
-        bandwidth_mhz=float(prof.get("bandwidth-mhz", sim.bandwidth_mhz)),
-        power_dbm=float(prof.get("power-dbm", sim.power_dbm)),
-        distance_m=float(prof.get("distance-m", sim.distance_m)),
+        memory_mb=memory,
         bf16=bool(prof.get("bf16", sim.bf16)),
+        **figures,
     )
+    return profile, assumed

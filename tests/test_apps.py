@@ -50,9 +50,13 @@ def test_client_train_replies_with_a_trained_adapter(
     if level is not None:
         # The device cached the emulator under its digest, and reports it in its profile.
         assert (tmp_path / "device-1" / f"{plan.emulator.digest}.safetensors").is_file()
-        query = server_message(MessageType.QUERY, {}, "{}")
+        query = server_message(MessageType.QUERY, {}, plan.to_json())
         profile = client_app(query, context(partition_id=1, num_partitions=3))
-        assert profile.content.config_records["profile"]["holds"] == plan.emulator.digest
+        prof = profile.content.config_records["profile"]
+        assert prof["holds"] == plan.emulator.digest
+        # It counts its training examples under the server's data config: what it trains on.
+        assert prof["data-size"] == metrics["num-examples"]
+        assert prof["detected-memory-mb"] > 0 and "memory-mb" not in prof
 
 
 def test_client_without_the_emulator_reports_a_cache_miss(

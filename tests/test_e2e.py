@@ -87,13 +87,6 @@ def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
     assert isinstance(text, str) and text
 
 
-def test_gsm8k_jsonl_run_by_overrides_only(tmp_path, gsm8k_path) -> None:
-    overrides = f"experiment=tiny data=jsonl data.path={gsm8k_path} data.max_samples=300 rounds=1"
-    outcome = launch(devices=2, overrides=overrides, output_dir=tmp_path / "runs", stream=False)
-    _check_run(outcome, rounds=1)
-    assert "source: jsonl" in (outcome.run_dir / "config.yaml").read_text()
-
-
 def test_bad_input_fails_before_anything_starts(tmp_path) -> None:
     from fedpeat.config import ConfigError
     from fedpeat.data import DataError

@@ -248,3 +248,19 @@ def test_fed_ft_trains_and_sends_every_weight(tmp_path, server_identity, device_
     assert len(changed) == len(list(full.parameters()))  # every weight trained
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["bytes_total"] >= 4 * model_bytes
+
+
+def test_gsm8k_jsonl_run_by_overrides_only(tmp_path, server_identity, device_disks, gsm8k_path):
+    # A real JSONL data set chosen by overrides alone (flwr run itself: tests/test_e2e.py).
+    from fedpeat.config import resolve_paths
+
+    overrides = f"experiment=tiny data=jsonl data.path={gsm8k_path} data.max_samples=300 rounds=1"
+    cfg = resolve_paths(compose(overrides), tmp_path)
+    assert cfg.data.source == "jsonl"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["num_clients"] for r in rows] == [0, 2]
+    assert all(d["examples"] > 0 for d in rows[1]["devices"])
+    assert rows[1]["plugin_ppl"] < rows[0]["plugin_ppl"]

@@ -1,0 +1,128 @@
+"""Real loopback deployments: a SuperLink and SuperNodes (a fresh ClientApp process each round),
+plain and with TLS and SuperNode authentication."""
+
+from __future__ import annotations
+
+import json
+import stat
+
+import pytest
+
+from fedpeat.certs import make_credentials
+from fedpeat.deploy import deploy, deployment_overrides, node_configs
+from fedpeat.launch import marked_pids
+
+
+def test_node_configs_assign_partitions_and_keep_the_users_figures() -> None:
+    assert node_configs(2, ["memory-mb=900 profile=near gpu=true name='x'"]) == [
+        "partition-id=0 num-partitions=2 memory-mb=900 profile=\"near\" gpu=true name='x'",
+        "partition-id=1 num-partitions=2",
+    ]
+    with pytest.raises(ValueError, match="3 --node-config values for 2 node"):
+        node_configs(2, ["a=1", "b=2", "c=3"])
+    with pytest.raises(ValueError, match="the command assigns partition-id"):
+        node_configs(1, ["partition-id=4"])
+    with pytest.raises(ValueError, match="'memory' is not key=value"):
+        node_configs(1, ["memory"])
+    assert deployment_overrides("rounds=2", 3) == "devices=nodes strategy.min_nodes=3 rounds=2"
+    assert deployment_overrides("devices=tiers", 2) == "strategy.min_nodes=2 devices=tiers"
+
+
+def test_credentials_are_a_ca_a_server_certificate_and_node_keys(tmp_path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    creds = make_credentials(tmp_path, "edge-server.local", nodes=2, bits=2048)
+    ca = x509.load_pem_x509_certificate(creds.ca_cert.read_bytes())
+    server = x509.load_pem_x509_certificate(creds.server_cert.read_bytes())
+    assert server.issuer == ca.subject
+    ca.public_key().verify(  # type: ignore[call-arg]
+        server.signature,
+        server.tbs_certificate_bytes,
+        padding.PKCS1v15(),
+        server.signature_hash_algorithm,
+    )
+    san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "edge-server.local" in san.get_values_for_type(x509.DNSName)
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    for key in creds.node_keys:
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        serialization.load_ssh_private_key(key.read_bytes(), None)
+        pub = serialization.load_ssh_public_key(key.with_suffix(".pub").read_bytes())
+        assert pub.curve.name == "secp384r1"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="not a host name"):
+        make_credentials(tmp_path, "two words", 0)
+
+
+def _rows(outcome) -> list[dict]:
+    assert outcome.ok, f"{outcome.status}: {outcome.run_dir}"
+    assert marked_pids(outcome.marker) == []  # no process the deployment started is left
+    for name in ("summary.json", "ppl.png", "adapter/adapter_model.safetensors"):
+        assert (outcome.run_dir / name).is_file(), name
+    return [json.loads(x) for x in (outcome.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _deploy(where, node_config: list[str], secure: bool = False):
+    return deploy(
+        len(node_config),
+        # No device-side evaluation: each one would start another ClientApp process per node.
+        "experiment=tiny emulator.case=1 strategy.fraction_evaluate=0",
+        node_config,
+        secure=secure,
+        output_dir=where / "runs",
+        flwr_home=where / "flwr",
+        stream=False,
+        device_cache_dir=where / "devices",
+    )
+
+
+def _check_caching_and_profiles(rows: list[dict]) -> None:
+    assert [r["num_clients"] for r in rows] == [0, 2, 2]
+    # Every round's ClientApp process is fresh, yet round 2 sends no emulator: the nodes'
+    # disk caches hold it.
+    assert rows[1]["exchanges"] == 2 and rows[1]["emulator_bytes"] > 0
+    assert rows[2]["exchanges"] == 0 and rows[2]["emulator_bytes"] == 0
+    # The profiles came from the nodes: their configured budgets and figures, the rest flagged.
+    profiles = {p["profile"]: p for p in rows[1]["profiles"].values()}
+    assert profiles["near"]["memory_mb"] == 4000 and profiles["near"]["distance_m"] == 50
+    assert profiles["far"]["gflops"] == 5 and "gflops" not in profiles["far"]["assumed"]
+    assert "gflops" in profiles["near"]["assumed"]
+    assert profiles["far"]["data-size"] > 0 and profiles["far"]["detected-memory-mb"] > 0
+    assert all(r["plugin_ppl"] < rows[0]["plugin_ppl"] for r in rows[1:])
+
+
+NEAR, FAR = "memory-mb=4000 distance-m=50 profile=near", "memory-mb=3000 gflops=5 profile=far"
+
+
+@pytest.fixture(scope="module")
+def deployments(tmp_path_factory):
+    """Both loopback deployments at once: they spend most of their time waiting for ClientApp
+    processes to start, so running them side by side halves the suite's wall time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plain, secure = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("secure")
+    with ThreadPoolExecutor(2) as pool:
+        # Two devices with different profiles, and a third whose budget fits no emulator.
+        a = pool.submit(_deploy, plain, [NEAR, FAR, "memory-mb=1 profile=tiny-budget"])
+        b = pool.submit(_deploy, secure, [NEAR, FAR], True)
+        return {"plain": (plain, a.result()), "secure": (secure, b.result())}
+
+
+@pytest.mark.slow
+def test_loopback_deployment_caches_emulators_and_skips_a_node_that_fits_none(deployments):
+    _, outcome = deployments["plain"]
+    rows = _rows(outcome)
+    _check_caching_and_profiles(rows)
+    node = next(n for n, p in rows[1]["profiles"].items() if p["profile"] == "tiny-budget")
+    for row in rows[1:]:
+        (skip,) = row["skipped"]
+        assert str(skip["node"]) == node and "MB" in skip["reason"]
+
+
+@pytest.mark.slow
+def test_secure_deployment_with_node_authentication(deployments):
+    where, outcome = deployments["secure"]
+    _check_caching_and_profiles(_rows(outcome))
+    # Keys and certificates of a completed run are removed with its scratch directory.
+    assert not list((where / "flwr").glob("deploy-*"))
