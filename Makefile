@@ -14,6 +14,9 @@ export FEDPEAT_CACHE_DIR ?= $(CURDIR)/.cache/fedpeat
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
+# Byte-compile on first import instead of at install: pip would compile every file of torch,
+# ray and transformers (most never imported here), a good part of a fresh install's time.
+export PIP_NO_COMPILE := 1
 
 DEVICES ?= 6
 OVERRIDES ?=
