@@ -126,3 +126,48 @@ def test_secure_deployment_with_node_authentication(deployments):
     _check_caching_and_profiles(_rows(outcome))
     # Keys and certificates of a completed run are removed with its scratch directory.
     assert not list((where / "flwr").glob("deploy-*"))
+
+
+@pytest.mark.slow
+def test_superlink_refuses_a_supernode_whose_key_is_not_registered(tmp_path):
+    """Node authentication is enforced: the same key is refused before `flwr supernode register`
+    and accepted after it."""
+    import time
+    import uuid
+
+    from fedpeat.deploy import register_node
+    from fedpeat.launch import (
+        SuperLink,
+        SuperNode,
+        Tls,
+        connection_name,
+        flwr_env,
+        stop_all,
+        stop_marked,
+        write_connection,
+    )
+
+    marker = uuid.uuid4().hex
+    env = flwr_env(tmp_path, marker)
+    creds = make_credentials(tmp_path / "keys", "127.0.0.1", 1)
+    tls = Tls(creds.ca_cert, creds.server_cert, creds.server_key)
+    superlink = SuperLink(tmp_path, env, simulation=False, tls=tls, node_auth=True)
+    started = [superlink]
+    try:
+        superlink.wait_ready()
+        write_connection(tmp_path, superlink.port, tls.ca_cert)
+        key, config = creds.node_keys[0], "partition-id=0 num-partitions=1"
+        stranger = SuperNode(superlink.port, config, env, tmp_path, tls.ca_cert, key)
+        started.append(stranger)
+        assert stranger.proc.wait(timeout=60) != 0
+        assert "Failed to activate SuperNode" in stranger.out_file.read_text()
+
+        register_node(key.with_suffix(".pub"), connection_name(superlink.port), env)
+        member = SuperNode(superlink.port, config, env, tmp_path, tls.ca_cert, key)
+        started.append(member)
+        time.sleep(8)  # long enough to have been refused, as the stranger was within seconds
+        assert member.proc.poll() is None, member.out_file.read_text()[-2000:]
+    finally:
+        stop_all(started)
+        stop_marked(marker)
+    assert marked_pids(marker) == []
