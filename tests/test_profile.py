@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -64,3 +66,29 @@ def test_deployed_node_budget_is_its_detection_capped_by_its_config() -> None:
         from_nodes=True,
     )
     assert assumed == [] and prof.name == "sensor" and prof.bandwidth_mhz == 0.5
+
+
+def test_a_fresh_client_process_reads_its_tokenized_partition_from_disk(
+    tiny_cfg, tmp_path, monkeypatch
+) -> None:
+    # Deployment starts a fresh ClientApp process every round: it must not tokenize again.
+    from fedpeat import task
+
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(task, "_ENCODED", {})
+    plan = task.Plan.from_config(tiny_cfg, 1)
+    first = task.device_encoded(plan, 1, 3, "device-1")
+    assert len(list((tmp_path / "device-1" / "data").glob("*.json"))) == 1
+
+    def no_data(*_args, **_kwargs):
+        raise AssertionError("re-read and re-tokenized the partition")
+
+    monkeypatch.setattr(task, "_ENCODED", {})  # a new process
+    monkeypatch.setattr(task, "device_data", no_data)
+    assert task.device_encoded(plan, 1, 3, "device-1") == first
+    # Another partition, or the same one under another data config, is not served from it.
+    with pytest.raises(AssertionError, match="re-tokenized"):
+        task.device_encoded(plan, 2, 3, "device-1")
+    shorter = replace(plan, data=replace(plan.data, max_length=plan.data.max_length // 2))
+    with pytest.raises(AssertionError, match="re-tokenized"):
+        task.device_encoded(shorter, 1, 3, "device-1")
