@@ -41,6 +41,7 @@ from fedpeat.launch import (
     follow_run,
     outcome_of,
     remove_connection,
+    report,
     stop_all,
     stop_marked,
     submit,
@@ -199,20 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a clear one-line reason, not a traceback
         print(f"[fedpeat] error: {err}", file=sys.stderr)
         return 2
-    if not outcome.ok:
-        print(
-            f"[fedpeat] run {outcome.run_id} did not complete: {outcome.status} "
-            f"({outcome.run_dir or 'no run directory'})",
-            file=sys.stderr,
-        )
-        return 1
-    s = outcome.summary or {}
-    print(
-        f"[fedpeat] run {outcome.run_id} completed on {args.nodes} SuperNode(s): plug-in "
-        f"perplexity {s['zero_shot_ppl']:.2f} -> {s['final_plugin_ppl']:.2f}\n"
-        f"[fedpeat] results: {outcome.run_dir}"
-    )
-    return 0
+    return report(outcome)
 
 
 if __name__ == "__main__":

@@ -469,6 +469,26 @@ def outcome_of(run_id: int | None, status: str, output_dir: Path, marker: str) -
     return Outcome(run_id, status, run_dir, summary, marker)
 
 
+def report(outcome: Outcome) -> int:
+    """Print how a run ended (the error file of a failed one) and return the exit code."""
+    if not outcome.ok:
+        where = outcome.run_dir or "no run directory"
+        print(
+            f"[fedpeat] run {outcome.run_id} did not complete: {outcome.status} ({where})",
+            file=sys.stderr,
+        )
+        if outcome.run_dir and (outcome.run_dir / "error.txt").is_file():
+            print((outcome.run_dir / "error.txt").read_text(), file=sys.stderr)
+        return 1
+    s = outcome.summary or {}
+    print(
+        f"[fedpeat] run {outcome.run_id} completed: plug-in perplexity "
+        f"{s['zero_shot_ppl']:.2f} (base) -> {s['final_plugin_ppl']:.2f} "
+        f"after {s['rounds']} rounds in {s['wall_s']:.0f}s\n[fedpeat] results: {outcome.run_dir}"
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -504,22 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a clear one-line reason, not a launcher traceback
         print(f"[fedpeat] error: {err}", file=sys.stderr)
         return 2
-    if not outcome.ok:
-        where = outcome.run_dir or "no run directory"
-        print(
-            f"[fedpeat] run {outcome.run_id} did not complete: {outcome.status} ({where})",
-            file=sys.stderr,
-        )
-        if outcome.run_dir and (outcome.run_dir / "error.txt").is_file():
-            print((outcome.run_dir / "error.txt").read_text(), file=sys.stderr)
-        return 1
-    s = outcome.summary or {}
-    print(
-        f"[fedpeat] run {outcome.run_id} completed: plug-in perplexity "
-        f"{s['zero_shot_ppl']:.2f} (base) -> {s['final_plugin_ppl']:.2f} "
-        f"after {s['rounds']} rounds in {s['wall_s']:.0f}s\n[fedpeat] results: {outcome.run_dir}"
-    )
-    return 0
+    return report(outcome)
 
 
 if __name__ == "__main__":

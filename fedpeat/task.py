@@ -305,7 +305,14 @@ def device_evaluate(
 
 # Node-config keys a device may set about itself (deployment: `flower-supernode --node-config`).
 # memory-mb caps what it detects; the others are its link and compute figures for the cost model.
-NODE_FIGURES = ("memory-mb", "gflops", "bandwidth-mhz", "power-dbm", "distance-m")
+# Link/compute keys -> the DeviceProfile fields they set.
+NODE_LINK = {
+    "gflops": "gflops",
+    "bandwidth-mhz": "bandwidth_mhz",
+    "power-dbm": "power_dbm",
+    "distance-m": "distance_m",
+}
+NODE_FIGURES = ("memory-mb", *NODE_LINK)
 
 
 def available_memory_mb(device: torch.device) -> float:

@@ -10,7 +10,7 @@ from typing import Any
 from fedpeat.allocation import Allocation, Option, allocate, option_value
 from fedpeat.config import Config, DeviceProfile
 from fedpeat.cost import MiB, compute_s, rate_bps, transmission_s
-from fedpeat.task import ServerModel
+from fedpeat.task import NODE_LINK, ServerModel
 
 
 @dataclass
@@ -156,15 +156,6 @@ def plan_devices(
     return out
 
 
-# A node's report key -> DeviceProfile field, for the figures the devices= profile can fill.
-_LINK = {
-    "gflops": "gflops",
-    "bandwidth-mhz": "bandwidth_mhz",
-    "power-dbm": "power_dbm",
-    "distance-m": "distance_m",
-}
-
-
 def profile_of(
     prof: Mapping[str, Any], sim: DeviceProfile, from_nodes: bool = False
 ) -> tuple[DeviceProfile, list[str]]:
@@ -187,7 +178,7 @@ def profile_of(
         memory = sim.memory_mb
         assumed.append("memory_mb")
     figures: dict[str, float] = {}
-    for key, name in _LINK.items():
+    for key, name in NODE_LINK.items():
         if key in prof:
             figures[name] = float(prof[key])
         else:
