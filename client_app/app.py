@@ -8,13 +8,30 @@ config (`partition-id`, `num-partitions`). Only adapter tensors travel back.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from fedpeat.emulator import Package
-from fedpeat.protocol import ADAPTER_KEY, EMULATOR_KEY, METRICS_KEY, PLAN_KEY, PROFILE_KEY
-from fedpeat.task import Plan, device_evaluate, device_profile, device_train, receive_emulator
+from fedpeat.protocol import (
+    ADAPTER_KEY,
+    EMULATOR_KEY,
+    METRICS_KEY,
+    PLAN_KEY,
+    PROFILE_KEY,
+    RESIDUAL_KEY,
+)
+from fedpeat.task import (
+    Plan,
+    check_budget,
+    device_evaluate,
+    device_profile,
+    device_train,
+    receive_emulator,
+)
 
 app = ClientApp()
 
@@ -41,6 +58,11 @@ def _inputs(msg: Message, context: Context) -> tuple[Plan, int, int, dict[str, n
     return plan, partition_id, num_partitions, state
 
 
+def _residual(msg: Message) -> dict[str, np.ndarray] | None:
+    record = msg.content.array_records.get(RESIDUAL_KEY)
+    return {k: v.numpy() for k, v in record.items()} if record is not None else None
+
+
 def _store_emulator(msg: Message, plan: Plan, context: Context) -> None:
     if EMULATOR_KEY not in msg.content.array_records:
         return
@@ -59,6 +81,18 @@ def _store_emulator(msg: Message, plan: Plan, context: Context) -> None:
     receive_emulator(pkg, _node_key(context))
 
 
+def clip_update(
+    new: dict[str, np.ndarray], start: Mapping[str, np.ndarray], norm: float
+) -> dict[str, np.ndarray]:
+    """Scale the update new - start to at most `norm` in L2 over every tensor together, with
+    Flower's `compute_clip_model_update` (what its `fixedclipping_mod` does; the mod itself needs
+    a message with a single ArrayRecord, and ours may also carry the emulator)."""
+    keys = list(start)
+    params = [np.array(new[k], dtype=np.float32) for k in keys]
+    compute_clip_model_update(params, [np.asarray(start[k], dtype=np.float32) for k in keys], norm)
+    return {**new, **dict(zip(keys, params, strict=True))}
+
+
 @app.query()
 def profile(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
@@ -74,9 +108,12 @@ def profile(msg: Message, context: Context) -> Message:
 def train(msg: Message, context: Context) -> Message:
     plan, partition_id, num_partitions, state = _inputs(msg, context)
     _store_emulator(msg, plan, context)
+    check_budget(plan, context.node_config)
     new_state, result, num_examples = device_train(
-        plan, partition_id, num_partitions, state, _node_key(context)
+        plan, partition_id, num_partitions, state, _node_key(context), _residual(msg)
     )
+    if plan.clipping_norm > 0:  # client-side DP: the unclipped update never leaves the device
+        new_state = clip_update(new_state, state, plan.clipping_norm)
     metrics = MetricRecord(
         {
             "num-examples": num_examples,
@@ -94,7 +131,7 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     plan, partition_id, num_partitions, state = _inputs(msg, context)
     result, num_examples = device_evaluate(
-        plan, partition_id, num_partitions, state, _node_key(context)
+        plan, partition_id, num_partitions, state, _node_key(context), _residual(msg)
     )
     metrics = MetricRecord(
         {

@@ -223,6 +223,10 @@ class StrategyConfig:
     """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline);
     `exact`: per module the weighted mean of the updates B_i A_i, re-factorised by truncated SVD
     to the adapter rank (FlexLoRA); modules a device did not train do not dilute it."""
+    residual: bool = True
+    """aggregation=exact with FedPipe ranks: each device also receives, frozen, the part of the
+    global adapter beyond its own rank, so it trains at the global model instead of its
+    truncation (download grows to the server rank; upload stays at the device's rank)."""
     fraction_train: float = 1.0
     """Share of connected devices sampled each round."""
     fraction_evaluate: float = 1.0
@@ -235,6 +239,30 @@ class StrategyConfig:
     server_train: bool = True
     """The server trains the adapter on the full model with its own data each round, and its
     update is aggregated with the devices' (FedPEAT's server-device collaboration)."""
+    min_replies: int = 1
+    """Valid device updates a round needs to be aggregated; with fewer, the global adapter stays
+    as it was (the server's own update alone does not count)."""
+    norm_bound: float = 10.0
+    """A device update (L2 norm of reply minus what it received) more than this many times the
+    round's median update norm is rejected as an outlier; 0 turns the check off. The median is
+    the lower median over the devices and the server's own update, so one device cannot raise it."""
+
+
+@dataclass
+class PrivacyConfig:
+    """Central differential privacy on the device updates with Flower's fixed-clipping wrappers
+    (`DifferentialPrivacyServerSideFixedClipping` / `...ClientSideFixedClipping`)."""
+
+    enabled: bool = False
+    clipping: str = "server"
+    """`server`: the server clips each update before averaging; `client`: each device clips its
+    own update before sending it (the server never sees an unclipped update)."""
+    clipping_norm: float = 0.1
+    """L2 bound on one device's update (all adapter tensors together)."""
+    noise_multiplier: float = 1.0
+    """Gaussian noise std on the average = noise_multiplier x clipping_norm / devices sampled."""
+    target_delta: float = 1e-5
+    """delta at which the RDP accountant reports the epsilon spent so far."""
 
 
 @dataclass
@@ -373,6 +401,10 @@ class Config:
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     export_merged: bool = True
     """Also write `merged/`: the full model with the adapter merged in (plain transformers)."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    resume: str = ""
+    """A run directory whose checkpoint to continue from (its config must match but for
+    `rounds`); the run goes on in that directory."""
 
 
 def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -452,6 +484,33 @@ def validate(cfg: Config) -> Config:
     _range("strategy.fraction_evaluate", s.fraction_evaluate, 0.0, 1.0)
     _range("strategy.min_nodes", s.min_nodes, 1)
     _range("strategy.round_timeout_s", s.round_timeout_s, 0.0, lo_open=True)
+    _range("strategy.min_replies", s.min_replies, 1)
+    _range("strategy.norm_bound", s.norm_bound, 0.0)
+    if 0 < s.norm_bound <= 1:
+        raise ConfigError(
+            f"strategy.norm_bound={s.norm_bound} would reject the median update itself; "
+            "use a value above 1 (e.g. 10) or 0 to turn the check off"
+        )
+    pv = cfg.privacy
+    _choice("privacy.clipping", pv.clipping, ("server", "client"))
+    _range("privacy.clipping_norm", pv.clipping_norm, 0.0, lo_open=True)
+    _range("privacy.noise_multiplier", pv.noise_multiplier, 0.0)
+    _range("privacy.target_delta", pv.target_delta, 0.0, 1.0, lo_open=True)
+    if pv.enabled:
+        # The wrappers clip reply - global adapter tensor by tensor and calibrate the noise to
+        # a uniform mean of same-shape updates: a linear aggregate of the full global adapter.
+        if s.aggregation != "fedavg":
+            raise ConfigError(
+                "privacy.enabled needs strategy.aggregation=fedavg: the exact rule's SVD is not "
+                "a linear function of the clipped updates, so the noise would not cover it"
+            )
+        if cfg.planner.enabled:
+            raise ConfigError(
+                "privacy.enabled needs planner.enabled=false: devices must train the whole "
+                "global adapter for the update clipping to apply"
+            )
+        if s.name == "fed_ft":
+            raise ConfigError("privacy.enabled is for adapter updates, not strategy.name=fed_ft")
 
     e = cfg.emulator
     if e.case not in EMULATOR_CASES:

@@ -229,6 +229,13 @@ class SuperLink(_Process):
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                tail = self.out_file.read_text(errors="replace")[-4000:]
+                if "address already in use" in tail:
+                    raise RuntimeError(
+                        f"SuperLink could not listen on 127.0.0.1:{self.port}: address already "
+                        f"in use (another process took the port); run again, or free it; "
+                        f"see {self.out_file}"
+                    )
                 raise RuntimeError(
                     f"SuperLink exited with code {self.proc.returncode}; see {self.out_file}"
                 )

@@ -7,7 +7,8 @@ stripped), so it travels as a Flower ArrayRecord and saves as a standard PEFT ad
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -140,3 +141,52 @@ def set_adapter_state(model: PeftModel, state: Mapping[str, np.ndarray]) -> None
         for k in current
     }
     set_peft_model_state_dict(model, tensors)
+
+
+_A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
+
+
+@contextmanager
+def frozen_residual(model: PeftModel, residual: Mapping[str, np.ndarray]) -> Iterator[None]:
+    """Add fixed low-rank terms `scaling * B_res A_res x` to the LoRA layers while inside.
+
+    `residual` has adapter-state keys (`...q_proj.lora_A.weight` / `lora_B.weight`, this model's
+    layer indices): the part of the global adapter beyond this device's rank. The terms use the
+    layer's own LoRA scaling, hold no gradient and leave the adapter state untouched; the hooks
+    are removed on exit (models are cached across rounds).
+    """
+    handles = []
+    try:
+        for a_key in [k for k in residual if k.endswith(_A_SUFFIX)]:
+            b_key = a_key[: -len(_A_SUFFIX)] + _B_SUFFIX
+            if b_key not in residual:
+                raise AdapterStateError(f"residual {a_key} has no matching lora_B tensor")
+            name = a_key[: -len(_A_SUFFIX)]
+            try:
+                layer = model.get_submodule(name)
+            except AttributeError as err:
+                raise AdapterStateError(f"residual names {name}, not a layer of the model") from err
+            scaling = getattr(layer, "scaling", None)
+            if not isinstance(scaling, dict) or not scaling:
+                raise AdapterStateError(f"residual names {name}, which carries no LoRA adapter")
+            device = next(layer.parameters()).device
+            a = torch.from_numpy(np.ascontiguousarray(residual[a_key])).to(device)
+            b = torch.from_numpy(np.ascontiguousarray(residual[b_key])).to(device)
+            scale = float(next(iter(scaling.values())))
+
+            def hook(
+                _m: torch.nn.Module,
+                args: tuple[torch.Tensor, ...],
+                out: torch.Tensor,
+                a: torch.Tensor = a,
+                b: torch.Tensor = b,
+                scale: float = scale,
+            ) -> torch.Tensor:
+                x = args[0]
+                return out + scale * ((x.to(a.dtype) @ a.T) @ b.T).to(out.dtype)
+
+            handles.append(layer.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -56,6 +56,14 @@ class MetricsLog:
             handle.flush()
             os.fsync(handle.fileno())
 
+    def restore(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Continue from `rows` (a resumed run): the file is rewritten to exactly them, dropping
+        any row of a round the checkpoint does not cover."""
+        self.rows = [dict(r) for r in rows]
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows))
+        tmp.replace(self.path)
+
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):

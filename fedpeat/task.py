@@ -63,7 +63,14 @@ from fedpeat.importance import (
     lora_params,
     top_share,
 )
-from fedpeat.lora import AdapterState, attach_lora, get_adapter_state, lora_model, set_adapter_state
+from fedpeat.lora import (
+    AdapterState,
+    attach_lora,
+    frozen_residual,
+    get_adapter_state,
+    lora_model,
+    set_adapter_state,
+)
 from fedpeat.model import cache_dir, load_model, load_tokenizer, resolve_device, shape_of
 from fedpeat.quantization import fast_bf16, quantize_frozen
 from fedpeat.train import EvalResult, TrainResult, evaluate_ppl, local_train
@@ -116,6 +123,13 @@ class Plan:
     the model's dtype."""
     full_finetune: bool = False
     """`fed_ft` baseline: the state is every weight of the full model, and all of it trains."""
+    need_mb: float = 0.0
+    """The server's estimate of this plan's training memory (cost model); 0: not checked."""
+    budget_mb: float = 0.0
+    """A simulated device's memory budget (its devices= profile; simulated devices share the
+    host's memory); 0: the device goes by what it measures and its node config."""
+    clipping_norm: float = 0.0
+    """privacy.clipping=client: clip the update to this L2 norm before replying; 0: do not."""
 
     @classmethod
     def from_config(
@@ -262,10 +276,44 @@ def _emulator_model(
     return _EMULATORS[key], ref.layers
 
 
+class MemoryBudgetError(RuntimeError):
+    """A plan needs more memory than the device has: refused before training starts."""
+
+
+def check_budget(plan: Plan, node_config: Mapping[str, Any]) -> None:
+    """Refuse a plan whose estimated training memory exceeds what this device has: its measured
+    free memory, capped by its node config's `memory-mb` and, simulated, by its profile budget.
+    Better a clear error the server records than an out-of-memory kill mid-round."""
+    if plan.need_mb <= 0:
+        return
+    device = resolve_device(plan.train.device)
+    limits = {"measured free memory": available_memory_mb(device)}
+    if "memory-mb" in node_config:
+        limits["node config memory-mb"] = float(node_figures(node_config)["memory-mb"])
+    if plan.budget_mb > 0:
+        limits["simulated device budget"] = plan.budget_mb
+    source, budget = min(limits.items(), key=lambda kv: kv[1])
+    if plan.need_mb > budget:
+        raise MemoryBudgetError(
+            f"memory budget {budget:.0f} MB ({source}) < {plan.need_mb:.0f} MB estimated for "
+            f"this plan (rank {plan.adapter.r}, batch {plan.train.batch_size}, "
+            f"bits {plan.bits or 'model dtype'}, keep {plan.emulator.keep_ratio or 1.0}); "
+            "not training"
+        )
+
+
 def device_train(
-    plan: Plan, partition_id: int, num_partitions: int, state: AdapterState, node_key: str
+    plan: Plan,
+    partition_id: int,
+    num_partitions: int,
+    state: AdapterState,
+    node_key: str,
+    residual: AdapterState | None = None,
 ) -> tuple[AdapterState, TrainResult, int]:
-    """Train the global adapter `state` locally; return (new state, figures, train set size)."""
+    """Train the global adapter `state` locally; return (new state, figures, train set size).
+
+    `residual`: the rest of the global adapter beyond this device's rank, added frozen to the
+    forward pass (`frozen_residual`) so the device trains at the global model."""
     device = resolve_device(plan.train.device)
     train_data, _ = device_encoded(plan, partition_id, num_partitions, node_key)
     pad_id = int(load_tokenizer(plan.model).pad_token_id)
@@ -278,15 +326,22 @@ def device_train(
         return full_state(full), result, len(train_data)
     model, layers = _emulator_model(plan, node_key, device)
     set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
-    result = local_train(model, train_data, plan.train, seed, pad_id, device)
+    with frozen_residual(model, _mapped(residual, layers)):
+        result = local_train(model, train_data, plan.train, seed, pad_id, device)
     new_state = get_adapter_state(model)
     return (to_full_keys(new_state, layers) if layers else new_state), result, len(train_data)
 
 
 def device_evaluate(
-    plan: Plan, partition_id: int, num_partitions: int, state: AdapterState, node_key: str
+    plan: Plan,
+    partition_id: int,
+    num_partitions: int,
+    state: AdapterState,
+    node_key: str,
+    residual: AdapterState | None = None,
 ) -> tuple[EvalResult, int]:
-    """Perplexity of (emulator or full model) + `state` on the device's held-out split."""
+    """Perplexity of (emulator or full model) + `state` (+ `residual`, as for training) on the
+    device's held-out split."""
     device = resolve_device(plan.train.device)
     _, test_data = device_encoded(plan, partition_id, num_partitions, node_key)
     pad_id = int(load_tokenizer(plan.model).pad_token_id)
@@ -298,9 +353,15 @@ def device_evaluate(
         )
     model, layers = _emulator_model(plan, node_key, device)
     set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
-    return evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device), len(
-        test_data
-    )
+    with frozen_residual(model, _mapped(residual, layers)):
+        result = evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device)
+    return result, len(test_data)
+
+
+def _mapped(residual: AdapterState | None, layers: list[int] | None) -> AdapterState:
+    if not residual:
+        return {}
+    return to_emulator_keys(residual, layers) if layers else residual
 
 
 # Node-config keys a device may set about itself (deployment: `flower-supernode --node-config`).

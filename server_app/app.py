@@ -17,6 +17,7 @@ from fedpeat.data import load_samples
 from fedpeat.model import describe, model_location
 from fedpeat.outputs import new_run_dir, plot_metrics, time_to_target, write_json_atomic
 from fedpeat.task import ServerModel
+from server_app.checkpoint import Checkpoint, open_resume, restore_rngs, save_checkpoint
 from server_app.recorder import RoundRecorder
 from strategies.fedpeat_strategy import FedPEAT, to_record
 
@@ -34,11 +35,22 @@ def main(grid: Grid, context: Context) -> None:
     output_dir = Path(str(rc.get("output-dir") or "runs"))
     output_dir = output_dir if output_dir.is_absolute() else workdir / output_dir
 
-    run_dir = new_run_dir(output_dir, cfg.experiment, context.run_id)
+    resume = None
+    if cfg.resume:
+        run_dir, resume = open_resume(cfg, workdir)
+        log(
+            INFO,
+            "fedpeat run %s: resuming %s after round %d",
+            context.run_id,
+            run_dir,
+            resume.round,
+        )
+    else:
+        run_dir = new_run_dir(output_dir, cfg.experiment, context.run_id)
+        log(INFO, "fedpeat run %s: outputs in %s", context.run_id, run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    log(INFO, "fedpeat run %s: outputs in %s", context.run_id, run_dir)
     try:
-        _run(grid, cfg, run_dir, checkpoint)
+        _run(grid, cfg, run_dir, checkpoint, resume)
     except BaseException:
         (run_dir / "error.txt").write_text(traceback.format_exc())
         raise
@@ -59,8 +71,17 @@ def _checkpoint(cfg: Config, workdir: Path) -> Path | None:
     return path
 
 
-def _run(grid: Grid, cfg: Config, run_dir: Path, checkpoint: Path | None = None) -> None:
+def _run(
+    grid: Grid,
+    cfg: Config,
+    run_dir: Path,
+    checkpoint: Path | None = None,
+    resume: Checkpoint | None = None,
+) -> None:
     start = time.perf_counter()
+    for stale in ("error.txt", "summary.json"):  # a resumed run's earlier ending, if any
+        if (run_dir / stale).exists():
+            (run_dir / stale).replace(run_dir / f"{stale}.before-resume")
     server = ServerModel(cfg)
     log(INFO, "model %s: %s", cfg.model.name, describe(server.model.get_base_model()))
     if server.importance:
@@ -72,14 +93,33 @@ def _run(grid: Grid, cfg: Config, run_dir: Path, checkpoint: Path | None = None)
             server.importance["choice"],
         )
     strategy = FedPEAT(cfg, server, checkpoint)
-    recorder = RoundRecorder(run_dir, cfg.rounds, strategy, server)
+
+    def checkpoint_round(server_round: int) -> None:
+        save_checkpoint(
+            run_dir,
+            server_round,
+            recorder.state,
+            recorder.metrics.rows,
+            strategy.resume_state(),
+            cfg,
+        )
+
+    recorder = RoundRecorder(run_dir, cfg.rounds, strategy, server, checkpoint_round)
+    initial, first_round = server.initial_state, 1
+    if resume is not None:
+        strategy.restore(resume.strategy)
+        recorder.metrics.restore(resume.rows)
+        recorder.state = initial = resume.state
+        first_round = resume.round + 1
+        restore_rngs(resume)
 
     strategy.start(
         grid=grid,
-        initial_arrays=to_record(server.initial_state),
+        initial_arrays=to_record(initial),
         num_rounds=cfg.rounds,
         timeout=cfg.strategy.round_timeout_s,
         evaluate_fn=recorder,
+        first_round=first_round,
     )
 
     if cfg.controller.name != "none":

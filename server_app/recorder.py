@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
@@ -22,8 +23,17 @@ class RoundRecorder:
     after every round, last in the round, so the strategy's stats for the round are complete.
     """
 
-    def __init__(self, run_dir: Path, rounds: int, strategy: FedPEAT, server: ServerModel) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rounds: int,
+        strategy: FedPEAT,
+        server: ServerModel,
+        on_round: Callable[[int], None] | None = None,
+    ) -> None:
+        """`on_round(server_round)` runs after the round's row is written (the checkpoint)."""
         self.run_dir = run_dir
+        self.on_round = on_round
         self.rounds = rounds
         self.strategy = strategy
         self.server = server
@@ -46,6 +56,8 @@ class RoundRecorder:
             "elapsed_s": elapsed,
         }
         self.metrics.append(row)
+        if self.on_round is not None:
+            self.on_round(server_round)
         plot_metrics(self.metrics.rows, self.run_dir)
         self._progress(server_round, result.ppl, stats, elapsed)
         return MetricRecord({"plugin_ppl": result.ppl})

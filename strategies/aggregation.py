@@ -188,6 +188,29 @@ def truncate_state(state: State, rank: int, fill: State | None = None) -> dict[s
     return out
 
 
+def residual_state(state: State, rank: int) -> dict[str, np.ndarray]:
+    """What a device's rank-`rank` truncation of `state` leaves out, as frozen LoRA factors.
+
+    Per module, the SVD directions `rank`.. of B A with non-zero singular values: B_res = U S,
+    A_res = V^T, so that truncate_state(state, rank) + B_res A_res = B A exactly. A device that
+    adds it to its forward pass trains at the global adapter itself rather than at its
+    truncation; without it, its update re-learns the directions it cannot see, and the server,
+    which keeps them (the update average in `exact_aggregate`), counts them twice. Modules with
+    nothing left out are omitted.
+    """
+    out: dict[str, np.ndarray] = {}
+    for a_key, b_key in lora_pairs(state).values():
+        delta = state[b_key].astype(np.float64) @ state[a_key].astype(np.float64)
+        u, s, vt = np.linalg.svd(delta, full_matrices=False)
+        tol = (s[0] if len(s) else 0.0) * max(delta.shape) * np.finfo(np.float64).eps
+        k = int(np.sum(s > tol))
+        if k <= rank:
+            continue
+        out[b_key] = (u[:, rank:k] * s[rank:k]).astype(np.float32)
+        out[a_key] = vt[rank:k].astype(np.float32)
+    return out
+
+
 # --------------------------------------------------------------------------- heterogeneous ranks
 
 
@@ -211,6 +234,11 @@ def device_share(
     for key, value in sub.items():
         out[key] = value[:rank] if _A in key else value[:, :rank] if _B in key else value
     return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def device_residual(state: State, modules: Sequence[str], rank: int) -> dict[str, np.ndarray]:
+    """`residual_state` of the modules a device trains: what its `device_share` leaves out."""
+    return residual_state({k: v for k, v in state.items() if _of_module(k, modules)}, rank)
 
 
 def pad_rank(state: State, rank: int) -> dict[str, np.ndarray]:
@@ -245,3 +273,45 @@ def partial_average(
         acc = sum((w[i] / total) * padded[i][key].astype(np.float64) for i in members)
         out[key] = np.asarray(acc).astype(np.float32)
     return out
+
+
+# --------------------------------------------------------------------------- outlier updates
+
+
+def update_norm(state: State, start: State) -> float:
+    """L2 norm of `state - start` over every tensor together (float64)."""
+    return float(
+        np.sqrt(
+            sum(
+                np.sum((state[k].astype(np.float64) - start[k].astype(np.float64)) ** 2)
+                for k in state
+            )
+        )
+    )
+
+
+def norm_outliers(
+    norms: Mapping[int, float], bound: float, trusted: Sequence[float] = ()
+) -> dict[int, str]:
+    """Updates whose norm exceeds `bound` x the round's reference: id -> reason.
+
+    The reference is the lower median of the devices' norms and the `trusted` ones (the server's
+    own update): with two devices it is the smaller, so one scaled-up update cannot drag the
+    reference up to itself; with a majority of honest updates it is an honest one. A reference
+    of zero (no one moved) gives no scale to compare with, so nothing is rejected. `bound` <= 0
+    turns the check off.
+    """
+    values = sorted([*norms.values(), *trusted])
+    if bound <= 0 or not values:
+        return {}
+    reference = values[(len(values) - 1) // 2]
+    if reference <= 0:
+        return {}
+    return {
+        key: (
+            f"update norm {norm:.4g} is {norm / reference:.3g}x the round's median "
+            f"{reference:.4g} (strategy.norm_bound={bound:g})"
+        )
+        for key, norm in norms.items()
+        if norm > bound * reference
+    }

@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from logging import INFO, WARNING
 from pathlib import Path
@@ -30,17 +30,28 @@ from flwr.app import (
 )
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpeat.config import Config, DeviceProfile
 from fedpeat.data import partition_sizes
 from fedpeat.lora import AdapterStateError, check_adapter_state, state_shapes
-from fedpeat.protocol import ADAPTER_KEY, EMULATOR_KEY, METRICS_KEY, PLAN_KEY, PROFILE_KEY
+from fedpeat.protocol import (
+    ADAPTER_KEY,
+    EMULATOR_KEY,
+    METRICS_KEY,
+    PLAN_KEY,
+    PROFILE_KEY,
+    RESIDUAL_KEY,
+)
 from fedpeat.task import EmulatorRef, Plan, ServerModel
 from strategies.aggregation import (
+    device_residual,
     device_share,
     exact_aggregate,
+    norm_outliers,
     partial_average,
+    update_norm,
     weighted_average,
     weighted_mean,
 )
@@ -48,6 +59,7 @@ from strategies.assign import Assignment, assign_levels
 from strategies.edge_env import Level
 from strategies.online import OnlineControl
 from strategies.planning import DevicePlan, plan_devices, profile_of, smallest_need_mb
+from strategies.privacy import PrivateMean
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # Device errors that mean "I do not hold that emulator (any more)": resend it next time.
@@ -117,6 +129,8 @@ class DeviceRound:
     """Planner runs: the plan (rank, batch, bits, modules) and its estimates."""
     est_memory_mb: float | None = None
     est_time_s: float | None = None
+    update_norm: float | None = None
+    """L2 norm of the update it returned (reply minus what it received)."""
 
 
 @dataclass
@@ -147,6 +161,8 @@ class RoundStats:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     profiles: dict[int, dict[str, Any]] = field(default_factory=dict)
     """Profiles first heard this round: the node's report, the figures used, what was assumed."""
+    privacy: dict[str, Any] | None = None
+    """privacy.enabled: clipping, noise std, devices averaged, epsilon spent so far at delta."""
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -172,6 +188,7 @@ class RoundStats:
             "skipped": self.skipped,
             "rejected": self.rejected,
             "profiles": {str(n): p for n, p in self.profiles.items()},
+            "privacy": self.privacy,
         }
 
 
@@ -199,6 +216,100 @@ class FedPEAT(Strategy):
         # What each device of the round started from (its share), for the update average.
         self._received: dict[int, dict[str, np.ndarray]] = {}
         self._data_sizes: dict[int, list[int]] = {}
+        self._round = 0
+        self._digests: dict[float, str] = {}
+        self.private = PrivateMean(cfg.privacy) if cfg.privacy.enabled else None
+
+    # ------------------------------------------------------------------ rounds, resume
+
+    def start(
+        self,
+        grid: Grid,
+        initial_arrays: ArrayRecord,
+        num_rounds: int = 3,
+        timeout: float = 3600,
+        train_config: ConfigRecord | None = None,
+        evaluate_config: ConfigRecord | None = None,
+        evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
+        first_round: int = 1,
+    ) -> Result:
+        """Flower's round loop (`Strategy.start`), able to begin at `first_round` when a run
+        resumes from a checkpoint (then `initial_arrays` is the checkpoint's adapter and the
+        round-0 evaluation is not repeated)."""
+        if first_round == 1:
+            return super().start(
+                grid,
+                initial_arrays,
+                num_rounds,
+                timeout,
+                train_config,
+                evaluate_config,
+                evaluate_fn,
+            )
+        result, arrays = Result(), initial_arrays
+        log(INFO, "resuming at round %d of %d", first_round, num_rounds)
+        for rnd in range(first_round, num_rounds + 1):
+            log(INFO, "[ROUND %s/%s]", rnd, num_rounds)
+            replies = grid.send_and_receive(
+                self.configure_train(rnd, arrays, train_config or ConfigRecord(), grid),
+                timeout=timeout,
+            )
+            new_arrays, train_metrics = self.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                result.arrays = arrays = new_arrays
+            if train_metrics is not None:
+                result.train_metrics_clientapp[rnd] = train_metrics
+            replies = grid.send_and_receive(
+                self.configure_evaluate(rnd, arrays, evaluate_config or ConfigRecord(), grid),
+                timeout=timeout,
+            )
+            if (eval_metrics := self.aggregate_evaluate(rnd, replies)) is not None:
+                result.evaluate_metrics_clientapp[rnd] = eval_metrics
+            if evaluate_fn and (res := evaluate_fn(rnd, arrays)) is not None:
+                result.evaluate_metrics_serverapp[rnd] = res
+        return result
+
+    def resume_state(self) -> dict[str, Any]:
+        """What the next round depends on beyond the adapter: the sampling RNG, the controller
+        (policy, optimiser, buffers, progress), the privacy spent, and each node's partition
+        (node ids change when a run restarts; partitions do not). Devices report their own
+        emulator holdings again, from their disk caches."""
+        return {
+            "rng": self.rng.getstate(),
+            "control": self.control,
+            "privacy_releases": self.private.releases if self.private else 0,
+            "partitions": {n: int(p["partition-id"]) for n, p in self.profiles.items()},
+            "digests": {**self._digests, **self.server.package_digests()},
+            # As the round ended: a device may get the next round's emulator before a crash, and
+            # the continuation must decide as the uninterrupted run did.
+            "holdings": {
+                int(self.profiles[n]["partition-id"]): sorted(h)
+                for n, h in self.holdings.items()
+                if n in self.profiles
+            },
+        }
+
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.rng.setstate(saved["rng"])
+        self.control = saved["control"]
+        if self.private is not None:
+            self.private.releases = int(saved["privacy_releases"])
+        self._old_partitions: dict[int, int] = dict(saved["partitions"])
+        self._old_holdings: dict[int, list[str]] = dict(saved["holdings"])
+        self._digests = dict(saved["digests"])
+
+    def _renumber(self) -> None:
+        """After a resume, once the new nodes have told their partitions, map the old node ids
+        the controller knows to the new ones."""
+        old = getattr(self, "_old_partitions", None)
+        if not old:
+            return
+        new_of = {int(p["partition-id"]): n for n, p in self.profiles.items()}
+        self.control.renumber({n: new_of[pid] for n, pid in old.items() if pid in new_of})
+        for pid, held in self._old_holdings.items():
+            if pid in new_of:
+                self.holdings[new_of[pid]] = set(held)
+        self._old_partitions = {}
 
     # ------------------------------------------------------------------ devices
 
@@ -331,7 +442,9 @@ class FedPEAT(Strategy):
         return out, violations
 
     def _holding(self) -> list[int]:
-        return self.control.holding(self.holdings, self.server.package_digests())
+        # Packages are built when first sent: a resumed run knows earlier ones by their digest.
+        digests = {**self._digests, **self.server.package_digests()}
+        return self.control.holding(self.holdings, digests)
 
     def _data_size(self, node: int) -> int:
         """The device's training examples (the planner's data term): what it reported, else its
@@ -367,6 +480,7 @@ class FedPEAT(Strategy):
         nodes = self._connected(grid)
         stats = self.stats.setdefault(server_round, RoundStats())
         self._profiles(grid, nodes, stats)
+        self._renumber()
         sampled = [
             n for n in self._sample(nodes, self.cfg.strategy.fraction_train) if n in self.profiles
         ]
@@ -374,6 +488,8 @@ class FedPEAT(Strategy):
         self.state = from_record(arrays)
         self._plans, self._expected, self._received = {}, {}, {}
         messages = []
+        # Server-side DP clips relative to this round's adapter; client side tells the devices.
+        dp_config = self.private.configure(server_round, arrays, grid) if self.private else {}
         known = [n for n in nodes if n in self.profiles]
         if not self.control.levels:
             self.control.levels = self._levels()
@@ -396,19 +512,11 @@ class FedPEAT(Strategy):
                 reason = assignment.reason or str(device_plan)
                 stats.skipped.append({"node": node, "reason": reason})
                 continue
-            adapter_record = arrays
+            content = RecordDict({ADAPTER_KEY: arrays})
             if device_plan is not None:
-                share = device_share(
-                    self.state,
-                    device_plan.modules,
-                    device_plan.rank,
-                    self.cfg.strategy.aggregation == "exact",
-                    self.server.initial_state,
-                )
-                adapter_record = to_record(share)
+                share = self._share(content, self.state, device_plan.modules, device_plan.rank)
                 self._received[node] = share
-            self._expected[node] = state_shapes(from_record(adapter_record))
-            content = RecordDict({ADAPTER_KEY: adapter_record})
+            self._expected[node] = state_shapes(from_record(content.array_records[ADAPTER_KEY]))
             ref, sent_bytes = EmulatorRef(), 0
             if self.cfg.emulator.case != 3:
                 pkg = self.server.package(assignment.level)
@@ -427,6 +535,8 @@ class FedPEAT(Strategy):
                 plan.train = replace(plan.train, batch_size=device_plan.batch)
                 plan.bits = device_plan.bits
                 plan.compute_dtype = device_plan.compute_dtype
+            self._budget(plan, node, assignment.level, device_plan)
+            plan.clipping_norm = float(dp_config.get(KEY_CLIPPING_NORM, 0.0))
             content[PLAN_KEY] = ConfigRecord({"plan": plan.to_json(), "server-round": server_round})
             self._plans[node] = plan
             down = content_bytes(content)
@@ -471,6 +581,30 @@ class FedPEAT(Strategy):
         )
         return messages
 
+    def _budget(self, plan: Plan, node: int, level: float, device_plan: DevicePlan | None) -> None:
+        """What the device checks before training: the estimated need of its plan and, for a
+        simulated device (its profile is all it has), the profile's budget. Case 3 and fed_ft
+        are the full-model baselines, which assume the device holds the model."""
+        if self.server.full_ft or (self.cfg.emulator.case == 3 and device_plan is None):
+            return
+        plan.need_mb = device_plan.memory_mb if device_plan else self.server.memory_need_mb(level)
+        if not self.cfg.devices.from_nodes:
+            plan.budget_mb = self.device_profiles[node].memory_mb
+
+    def _share(
+        self, content: RecordDict, state: dict[str, np.ndarray], modules: list[str], rank: int
+    ) -> dict[str, np.ndarray]:
+        """Put a planned device's share of the global adapter (and, exact with
+        `strategy.residual`, the frozen rest of it) into `content`; return the share."""
+        exact = self.cfg.strategy.aggregation == "exact"
+        share = device_share(state, modules, rank, exact, self.server.initial_state)
+        content[ADAPTER_KEY] = to_record(share)
+        if exact and self.cfg.strategy.residual:
+            rest = device_residual(state, modules, rank)
+            if rest:
+                content[RESIDUAL_KEY] = to_record(rest)
+        return share
+
     def validate_reply(
         self, msg: Message
     ) -> tuple[dict[str, np.ndarray], float, dict[str, Any]] | str:
@@ -488,49 +622,67 @@ class FedPEAT(Strategy):
             return f"train_loss must be a finite number, got {loss!r}"
         try:
             state = from_record(content.array_records[ADAPTER_KEY])
+            wrong = [(k, v.dtype) for k, v in state.items() if v.dtype.kind != "f"]
+            if wrong:
+                return f"invalid adapter: {wrong[0][0]} has dtype {wrong[0][1]}, expected floats"
             check_adapter_state(self._expected.get(msg.metadata.src_node_id, self.shapes), state)
         except (AdapterStateError, ValueError, TypeError) as err:
             return f"invalid adapter: {err}"
         return state, float(weight), metrics
 
+    def _reject(self, stats: RoundStats, node: int, reason: str, status: str = "rejected") -> None:
+        log(WARNING, "round %d: %s reply from node %d: %s", self._round, status, node, reason)
+        stats.rejected.append({"node": node, "reason": reason})
+        if dev := stats.devices.get(node):
+            dev.status = status
+        if any(s in reason for s in _CACHE_MISS):
+            self.holdings[node] = set()
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
-        states, weights, losses = [], [], []
-        received: list[dict[str, np.ndarray] | None] = []
+        self._round = server_round
+        valid: list[tuple[Message, dict[str, np.ndarray], float, dict[str, Any]]] = []
+        answered = set()
         for msg in replies:
             node = msg.metadata.src_node_id
-            dev = stats.devices.get(node)
+            answered.add(node)
             if msg.has_content():
                 up = content_bytes(msg.content)
                 stats.bytes_up += up
-                if dev:
+                if dev := stats.devices.get(node):
                     dev.bytes_up = up
             checked = self.validate_reply(msg)
             if isinstance(checked, str):
-                log(
-                    WARNING,
-                    "round %d: rejected reply from node %d: %s",
-                    server_round,
-                    node,
-                    checked,
-                )
-                stats.rejected.append({"node": node, "reason": checked})
-                if dev:
-                    dev.status = "rejected"
-                if any(s in checked for s in _CACHE_MISS):
-                    self.holdings[node] = set()
-                continue
-            state, weight, metrics = checked
-            states.append(state)
-            weights.append(weight)
-            received.append(self._received.get(node))
-            losses.append(float(metrics["train_loss"]))
-            plan = self._plans.get(node)
-            if plan is not None and plan.emulator.digest:
-                self.holdings[node] = {plan.emulator.digest}
-            if dev:
+                self._reject(stats, node, checked)
+            else:
+                valid.append((msg, *checked))
+        for node in stats.devices.keys() - answered:  # the grid gave up on them at the deadline
+            self._reject(
+                stats,
+                node,
+                f"no reply within strategy.round_timeout_s={self.cfg.strategy.round_timeout_s:g}",
+                "timeout",
+            )
+        server_update = None
+        if self.cfg.strategy.server_train and (valid or not stats.devices):
+            # The server's own update joins the average like one more (trusted) device.
+            server_state, result, n = self.server.train(self.state, server_round)
+            server_update = (server_state, float(n))
+            stats.server_train_loss = result.train_loss
+        valid = self._screen_norms(stats, valid, server_update)
+        if stats.devices and len(valid) < self.cfg.strategy.min_replies:
+            log(
+                WARNING,
+                "round %d: %d valid update(s), strategy.min_replies=%d: keeping the adapter",
+                server_round,
+                len(valid),
+                self.cfg.strategy.min_replies,
+            )
+            return None, None
+        for msg, _, weight, metrics in valid:
+            if dev := stats.devices.get(msg.metadata.src_node_id):
                 dev.status, dev.train_loss, dev.examples = (
                     "ok",
                     float(metrics["train_loss"]),
@@ -538,19 +690,76 @@ class FedPEAT(Strategy):
                 )
                 dev.train_s = _num(metrics.get("train_s"))
                 dev.peak_mem_mb = _num(metrics.get("peak_mem_mb"))
-        stats.num_clients = len(states)
-        if states:
-            stats.train_loss = weighted_mean(losses, weights)
-        if self.cfg.strategy.server_train and (states or not stats.devices):
-            # The server's own update joins the average like one more device.
-            server_state, result, n = self.server.train(self.state, server_round)
-            states.append(server_state)
-            weights.append(float(n))
-            received.append(None)  # the server trains from the global adapter itself
-            stats.server_train_loss = result.train_loss
-        if not states:
+            plan = self._plans.get(msg.metadata.src_node_id)
+            if plan is not None and plan.emulator.digest:
+                self.holdings[msg.metadata.src_node_id] = {plan.emulator.digest}
+        stats.num_clients = len(valid)
+        if valid:
+            stats.train_loss = weighted_mean(
+                [float(m["train_loss"]) for *_, m in valid], [w for _, _, w, _ in valid]
+            )
+        if not valid and server_update is None:
             log(WARNING, "round %d: no valid update; keeping the previous adapter", server_round)
             return None, None
+        if self.private is not None:
+            merged = self._private_merge(server_round, stats, valid, server_update)
+        else:
+            merged = self._merge(stats, valid, server_update)
+        if merged is None:
+            return None, None
+        # A module no one trained this round keeps its value.
+        merged = {k: merged.get(k, v) for k, v in self.state.items()}
+        return to_record(merged), MetricRecord({"train_loss": stats.train_loss or 0.0})
+
+    def _start_of(self, node: int) -> dict[str, np.ndarray]:
+        """What a device's update is measured from: its share, or the global adapter."""
+        return self._received.get(node) or self.state
+
+    def _screen_norms(
+        self,
+        stats: RoundStats,
+        valid: list[tuple[Message, dict[str, np.ndarray], float, dict[str, Any]]],
+        server_update: tuple[dict[str, np.ndarray], float] | None,
+    ) -> list[tuple[Message, dict[str, np.ndarray], float, dict[str, Any]]]:
+        """Drop updates far above the round's median norm (and, with client-side DP clipping,
+        updates the device did not clip)."""
+        norms = {
+            msg.metadata.src_node_id: update_norm(state, self._start_of(msg.metadata.src_node_id))
+            for msg, state, _, _ in valid
+        }
+        for node, norm in norms.items():
+            if dev := stats.devices.get(node):
+                dev.update_norm = norm
+        trusted = [update_norm(server_update[0], self.state)] if server_update else []
+        bad = norm_outliers(norms, self.cfg.strategy.norm_bound, trusted)
+        pv = self.cfg.privacy
+        if pv.enabled and pv.clipping == "client":
+            limit = pv.clipping_norm * (1 + 1e-4)  # float32 rounding of a clipped update
+            for node, norm in norms.items():
+                if norm > limit and node not in bad:
+                    bad[node] = (
+                        f"update norm {norm:.4g} exceeds privacy.clipping_norm="
+                        f"{pv.clipping_norm:g}: the device did not clip it"
+                    )
+        for node, reason in bad.items():
+            self._reject(stats, node, reason)
+        return [v for v in valid if v[0].metadata.src_node_id not in bad]
+
+    def _merge(
+        self,
+        stats: RoundStats,
+        valid: list[tuple[Message, dict[str, np.ndarray], float, dict[str, Any]]],
+        server_update: tuple[dict[str, np.ndarray], float] | None,
+    ) -> dict[str, np.ndarray]:
+        states = [state for _, state, _, _ in valid]
+        weights = [w for _, _, w, _ in valid]
+        received: list[dict[str, np.ndarray] | None] = [
+            self._received.get(msg.metadata.src_node_id) for msg, *_ in valid
+        ]
+        if server_update is not None:
+            states.append(server_update[0])
+            weights.append(server_update[1])
+            received.append(None)  # the server trains from the global adapter itself
         rank = self.server.adapter_cfg.r
         if self.cfg.strategy.aggregation == "exact":
             # Unused directions keep the initial random A (never axis-aligned rows).
@@ -564,13 +773,38 @@ class FedPEAT(Strategy):
                 base=self.state,
             )
             stats.truncation_error = max(errors.values(), default=0.0)
-        elif self.cfg.planner.enabled:  # ranks and module sets differ: pad, average per tensor
-            merged = partial_average(states, weights, rank)
-        else:
-            merged = weighted_average(states, weights)
-        # A module no one trained this round keeps its value.
-        merged = {k: merged.get(k, v) for k, v in self.state.items()}
-        return to_record(merged), MetricRecord({"train_loss": stats.train_loss or 0.0})
+            return merged
+        if self.cfg.planner.enabled:  # ranks and module sets differ: pad, average per tensor
+            return partial_average(states, weights, rank)
+        return weighted_average(states, weights)
+
+    def _private_merge(
+        self,
+        server_round: int,
+        stats: RoundStats,
+        valid: list[tuple[Message, dict[str, np.ndarray], float, dict[str, Any]]],
+        server_update: tuple[dict[str, np.ndarray], float] | None,
+    ) -> dict[str, np.ndarray] | None:
+        """Clipped, noised equal-weight mean of the device updates (Flower's DP wrapper), then
+        the server's own update joins as one more equal share (post-processing: still private)."""
+        assert self.private is not None
+        device_mean = None
+        if valid:
+            for msg, state, _, _ in valid:  # Flower clips tensor lists: use the global order
+                msg.content[ADAPTER_KEY] = to_record({k: state[k] for k in self.state})
+            record, stats.privacy = self.private.aggregate(
+                server_round, [m for m, *_ in valid], len(self.profiles)
+            )
+            device_mean = from_record(record) if record is not None else None
+        if device_mean is None:
+            return server_update[0] if server_update else None
+        if server_update is None:
+            return device_mean
+        k = len(valid)
+        return {
+            key: ((k * device_mean[key] + server_update[0][key]) / (k + 1)).astype(np.float32)
+            for key in self.state
+        }
 
     def after_round(self, server_round: int, plugin_ppl: float) -> None:
         """The measured plug-in perplexity closes the round for the controller: reward, and
@@ -598,25 +832,17 @@ class FedPEAT(Strategy):
             return []
         chosen = self._sample(trained, self.cfg.strategy.fraction_evaluate)
         messages = []
+        state = from_record(arrays) if self.cfg.planner.enabled else {}
         for node in chosen:
             plan = self._plans[node]
-            record = arrays
-            if self.cfg.planner.enabled:
-                record = to_record(
-                    device_share(
-                        from_record(arrays),
-                        plan.adapter.modules,
-                        plan.adapter.r,
-                        self.cfg.strategy.aggregation == "exact",
-                        self.server.initial_state,
-                    )
-                )
             content = RecordDict(
                 {
-                    ADAPTER_KEY: record,
+                    ADAPTER_KEY: arrays,
                     PLAN_KEY: ConfigRecord({"plan": plan.to_json(), "server-round": server_round}),
                 }
             )
+            if self.cfg.planner.enabled:
+                self._share(content, state, plan.adapter.modules, plan.adapter.r)
             stats.bytes_down += content_bytes(content)
             messages.append(Message(content, dst_node_id=node, message_type=MessageType.EVALUATE))
         return messages

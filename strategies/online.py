@@ -196,6 +196,12 @@ class OnlineControl:
         self.history.append(t)
         return t
 
+    def renumber(self, mapping: Mapping[int, int]) -> None:
+        """Node ids changed (a resumed run): the same devices, in the same order, new ids."""
+        self.nodes = [mapping.get(n, n) for n in self.nodes]
+        for t in [*self.history, *([self.pending] if self.pending else [])]:
+            t.action = {mapping.get(n, n): v for n, v in t.action.items()}
+
     def state_dict(self) -> dict[str, Any]:
         """Controller state for the run directory (policy and optimiser when PPO)."""
         state: dict[str, Any] = {"swap_counts": self.swap_counts, "round": self.round_index}

@@ -36,3 +36,19 @@ def gsm8k_path() -> Path:
     if not path.is_file():
         pytest.skip(f"GSM8K not present at {path}")
     return path
+
+
+@pytest.fixture()
+def server_identity(monkeypatch):
+    """What the ServerApp runtime sets before `Message(...)` may be built outside it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+@pytest.fixture()
+def device_disks(tmp_path, monkeypatch):
+    """Simulated devices' disk caches under this test's directory."""
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices"))
+    return tmp_path / "devices"

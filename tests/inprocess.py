@@ -6,6 +6,7 @@ without Ray, and inspect every message that left the server.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -14,17 +15,27 @@ from client_app.app import app as client_app
 
 
 class InProcessGrid:
+    """`fail(msg, node)` may answer instead of the device; `tamper(msg, node, reply)` may change
+    a device's real reply, raise (the device failed) or return None (the reply is lost).
+    `partitions` picks which partition ids exist (default all of `num_nodes`); node ids are
+    1000 + partition id either way. A reply that took longer than the `timeout` passed to
+    `send_and_receive` is dropped, as Flower's grid stops waiting at its deadline (each message
+    is timed on its own: devices would run in parallel)."""
+
     def __init__(
         self,
         num_nodes: int,
         node_config: Callable[[int], dict] | None = None,
         fail: Callable[[Message, int], Message | None] | None = None,
+        tamper: Callable[[Message, int, Message], Message | None] | None = None,
+        partitions: Iterable[int] | None = None,
     ) -> None:
-        self.node_ids = [1000 + i for i in range(num_nodes)]
+        ids = list(range(num_nodes)) if partitions is None else list(partitions)
+        self.node_ids = [1000 + i for i in ids]
         self.contexts = {
-            node: Context(
+            1000 + i: Context(
                 run_id=1,
-                node_id=node,
+                node_id=1000 + i,
                 node_config={
                     "partition-id": i,
                     "num-partitions": num_nodes,
@@ -33,10 +44,11 @@ class InProcessGrid:
                 state=RecordDict(),
                 run_config={},
             )
-            for i, node in enumerate(self.node_ids)
+            for i in ids
         }
         self.sent: list[Message] = []
         self.fail = fail
+        self.tamper = tamper
 
     def get_node_ids(self) -> list[int]:
         return list(self.node_ids)
@@ -52,10 +64,16 @@ class InProcessGrid:
             if injected is not None:
                 replies.append(injected)
                 continue
+            began = time.perf_counter()
+            reply: Message | None
             try:
                 reply = client_app(msg, self.contexts[node])
+                if self.tamper is not None:
+                    reply = self.tamper(msg, node, reply)
             except Exception as err:  # as Flower's runtime does: an error reply, not a crash
                 reply = Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            if reply is None or (timeout is not None and time.perf_counter() - began > timeout):
+                continue
             reply.metadata.__dict__["_src_node_id"] = node
             replies.append(reply)
         return replies

@@ -194,3 +194,50 @@ def test_update_average_keeps_the_directions_a_truncated_device_never_saw() -> N
     np.testing.assert_allclose(
         same["m.lora_B.weight"] @ same["m.lora_A.weight"], plain_product, atol=1e-6
     )
+
+
+def test_residual_is_what_the_truncation_leaves_out() -> None:
+    from strategies.aggregation import residual_state
+
+    # G = diag(3, 2, 1) as B = I, A = G: rank 1 keeps 3; the residual holds 2 and 1.
+    g = np.diag([3.0, 2.0, 1.0])
+    state = _lora(np.eye(3), g)
+    rest = residual_state(state, 1)
+    np.testing.assert_allclose(
+        rest["m.lora_B.weight"] @ rest["m.lora_A.weight"], np.diag([0.0, 2.0, 1.0]), atol=1e-12
+    )
+    assert rest["m.lora_A.weight"].shape == (2, 3)
+    kept = truncate_state(state, 1)
+    np.testing.assert_allclose(
+        kept["m.lora_B.weight"] @ kept["m.lora_A.weight"]
+        + rest["m.lora_B.weight"] @ rest["m.lora_A.weight"],
+        g,
+        atol=1e-12,
+    )
+    # a rank that holds every non-zero direction leaves nothing: the module is omitted
+    assert residual_state(_lora(np.eye(3), np.diag([3.0, 2.0, 0.0])), 2) == {}
+    # random factors: truncation + residual is the product, whatever the rank
+    rng = np.random.default_rng(1)
+    b, a = rng.normal(size=(6, 5)), rng.normal(size=(5, 7))
+    for rank in (1, 2, 4):
+        kept, rest = truncate_state(_lora(b, a), rank), residual_state(_lora(b, a), rank)
+        total = kept["m.lora_B.weight"] @ kept["m.lora_A.weight"]
+        total = total + rest["m.lora_B.weight"] @ rest["m.lora_A.weight"]
+        np.testing.assert_allclose(total, b @ a, atol=1e-5)
+
+
+def test_update_norm_and_outliers_by_hand() -> None:
+    from strategies.aggregation import norm_outliers, update_norm
+
+    start = {"a": np.zeros(2), "b": np.ones((1, 1))}
+    # (3, 4) and 1 -> 1: sqrt(9 + 16 + 0) = 5
+    assert update_norm({"a": np.array([3.0, 4.0]), "b": np.ones((1, 1))}, start) == 5.0
+    # norms 1, 2, 3 and a scaled one 3e4; trusted server 2: sorted 1,2,2,3,3e4 -> median 2
+    got = norm_outliers({1: 1.0, 2: 2.0, 3: 3.0, 4: 3e4}, 10.0, trusted=[2.0])
+    assert list(got) == [4] and "1.5e+04x the round's median 2" in got[4]
+    # two devices, one scaled x1e4: the lower median is the honest one
+    assert list(norm_outliers({1: 1.0, 2: 1e4}, 10.0)) == [2]
+    # exactly at the bound is kept; the check off, or nobody moved: nothing rejected
+    assert norm_outliers({1: 1.0, 2: 10.0}, 10.0) == {}
+    assert norm_outliers({1: 1.0, 2: 1e9}, 0.0) == {}
+    assert norm_outliers({1: 0.0, 2: 0.0, 3: 5.0}, 10.0) == {}

@@ -34,6 +34,7 @@ def test_every_group_has_files() -> None:
         "devices",
         "planner",
         "controller",
+        "privacy",
         "experiment",
     } <= groups
 
@@ -96,6 +97,12 @@ def test_override_string_is_shell_split() -> None:
         ("controller=ppo controller.curve=[]", "controller.curve has no point for"),
         ("controller=ppo controller.ppo.gamma=1.5", "controller.ppo.gamma=1.5 is out of range"),
         ("controller=ppo controller.ppo.rollout_steps=10", "multiple of ppo.minibatches"),
+        ("strategy.min_replies=0", "strategy.min_replies=0 is out of range"),
+        ("strategy.norm_bound=1", "would reject the median update itself"),
+        ("privacy=server_dp privacy.clipping=both", "privacy.clipping='both' is not allowed"),
+        ("privacy=server_dp privacy.clipping_norm=0", "privacy.clipping_norm=0.0 is out of range"),
+        ("privacy=client_dp strategy.aggregation=exact", "needs strategy.aggregation=fedavg"),
+        ("privacy=server_dp experiment=fedpipe", "needs planner.enabled=false"),
     ],
 )
 def test_bad_values_name_the_field(override: str, needle: str) -> None:

@@ -134,14 +134,6 @@ TIERS = (
 )
 
 
-@pytest.fixture()
-def server_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
 @pytest.mark.parametrize("aggregation", ["exact", "fedavg"])
 def test_planned_run_gives_devices_different_plans(
     tmp_path, monkeypatch, server_identity, aggregation
@@ -153,10 +145,12 @@ def test_planned_run_gives_devices_different_plans(
     cfg = _planner_cfg(TIERS, "planner.upload_mb=0.3", f"strategy.aggregation={aggregation}")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    _run(InProcessGrid(4), cfg, run_dir)
+    grid = InProcessGrid(4)
+    _run(grid, cfg, run_dir)
 
     rows = read_metrics(run_dir / "metrics.jsonl")
     assert len(rows) == 3 and np.isfinite(rows[-1]["plugin_ppl"])
+    _check_residuals(grid, aggregation)
     for row in rows[1:]:
         devices = row["devices"]
         assert len(devices) == 3 and all(d["status"] == "ok" for d in devices)
@@ -173,3 +167,37 @@ def test_planned_run_gives_devices_different_plans(
     assert (run_dir / "merged" / "config.json").is_file()
     region = adapter_region(8, 2, 2)
     assert all(int(m.split(".")[1]) in region for m in importance["chosen"])
+
+
+def _check_residuals(grid: InProcessGrid, aggregation: str) -> None:
+    """exact: a device below the server rank also gets the rest of the global adapter, and
+    share + rest is the global product of every module it trains; fedavg sends no rest."""
+    from fedpeat.task import Plan
+    from strategies.aggregation import lora_pairs
+
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    with_rest = [m for m in train if "residual" in m.content.array_records]
+    if aggregation == "fedavg":
+        assert not with_rest
+        return
+    round2 = [
+        m
+        for m in train
+        if Plan.from_json(str(m.content.config_records["plan"]["plan"])).server_round == 2
+    ]
+    # round 1's global adapter has B = 0: nothing beyond any rank; round 2's has
+    assert any("residual" in m.content.array_records for m in round2)
+    # Every device's share + rest gives the same product per module: the global adapter's.
+    products: dict[str, np.ndarray] = {}
+    compared = 0
+    for msg in round2:
+        share = {k: v.numpy() for k, v in msg.content.array_records["adapter"].items()}
+        record = msg.content.array_records.get("residual")
+        rest = {k: v.numpy() for k, v in record.items()} if record is not None else {}
+        for module, (a, b) in lora_pairs(share).items():
+            total = share[b] @ share[a] + (rest[b] @ rest[a] if a in rest else 0.0)
+            if module in products:
+                np.testing.assert_allclose(total, products[module], atol=1e-5)
+                compared += 1
+            products[module] = total
+    assert compared  # devices of different ranks shared a module

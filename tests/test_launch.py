@@ -18,3 +18,27 @@ def test_each_launch_has_its_own_connection_and_removes_only_it(tmp_path) -> Non
     conf = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
     assert connection_name(5002) not in conf and conf["default"] == connection_name(5001)
     assert conf[connection_name(5001)]["address"] == "127.0.0.1:5001"
+
+
+def test_a_port_in_use_is_named(tmp_path, monkeypatch) -> None:
+    import os
+    import socket
+
+    import pytest
+
+    from fedpeat import launch
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    port = taken.getsockname()[1]
+    monkeypatch.setattr(launch, "free_port", lambda: port)
+    env = {**os.environ, "FLWR_HOME": str(tmp_path)}
+    env["PATH"] = f"{launch._bin('flower-superlink').rsplit('/', 1)[0]}:{env['PATH']}"
+    link = launch.SuperLink(tmp_path, env)
+    try:
+        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}: address already in use"):
+            link.wait_ready(timeout=60)
+    finally:
+        link.stop()
+        taken.close()

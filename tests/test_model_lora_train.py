@@ -151,3 +151,54 @@ def test_embedded_smollm2_converts_once_to_an_equivalent_safetensors_cache() -> 
     ids = torch.tensor([[1, 510, 2318, 28, 905, 314]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+
+
+def test_a_frozen_residual_makes_a_low_rank_device_compute_the_global_adapter(tiny_cfg) -> None:
+    from fedpeat.lora import frozen_residual
+    from strategies.aggregation import residual_state, truncate_state
+
+    # A rank-4 "global" adapter with non-zero B; a rank-2 device gets its truncation, and with
+    # the residual hooked in its outputs are the global model's. Same alpha / r on both.
+    scale = tiny_cfg.adapter.alpha / tiny_cfg.adapter.r
+    big = attach_lora(
+        load_model(tiny_cfg.model, cached=False), replace(tiny_cfg.adapter, r=4, alpha=4 * scale)
+    )
+    rng = np.random.default_rng(0)
+    state = {
+        k: rng.normal(0, 0.05, v.shape).astype(np.float32)
+        for k, v in get_adapter_state(big).items()
+    }
+    set_adapter_state(big, state)
+    small = attach_lora(
+        load_model(tiny_cfg.model, cached=False), replace(tiny_cfg.adapter, r=2, alpha=2 * scale)
+    )
+    set_adapter_state(small, truncate_state(state, 2))
+    rest = residual_state(state, 2)
+    assert rest
+    ids = torch.arange(3, 19).reshape(2, 8)
+    with torch.no_grad():
+        want = big(input_ids=ids).logits
+        alone = small(input_ids=ids).logits
+        with frozen_residual(small, rest):
+            hooked = small(input_ids=ids).logits
+        after = small(input_ids=ids).logits
+    torch.testing.assert_close(hooked, want, atol=1e-4, rtol=1e-4)
+    assert (alone - want).abs().max() > 1e-3  # the truncation alone is another model
+    torch.testing.assert_close(after, alone)  # hooks are gone on exit
+    # the residual trains nothing: gradients reach the adapter only
+    with frozen_residual(small, rest):
+        small(input_ids=ids, labels=ids).loss.backward()
+    trainable = {n for n, p in small.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # a residual naming a layer without LoRA is refused with its name
+    with (
+        pytest.raises(AdapterStateError, match="not a layer"),
+        frozen_residual(
+            small,
+            {
+                "nope.lora_A.weight": rest[next(iter(rest))],
+                "nope.lora_B.weight": rest[next(iter(rest))],
+            },
+        ),
+    ):
+        pass

@@ -15,21 +15,6 @@ from strategies.fedpeat_strategy import content_bytes
 from tests.inprocess import InProcessGrid
 
 
-@pytest.fixture()
-def server_identity(monkeypatch):
-    """What the ServerApp runtime sets before `Message(...)` may be built outside it."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-@pytest.fixture()
-def device_disks(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices"))
-    return tmp_path / "devices"
-
-
 def _arrays(msg):
     for record in msg.content.array_records.values():
         for arr in record.values():
