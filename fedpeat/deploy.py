@@ -42,6 +42,7 @@ from fedpeat.launch import (
     outcome_of,
     remove_connection,
     report,
+    resumed_dir,
     stop_all,
     stop_marked,
     submit,
@@ -130,7 +131,7 @@ def deploy(
     configs = node_configs(nodes, extra_node_config or [])
     overrides = deployment_overrides(overrides, nodes)
     workdir = Path.cwd()
-    resolve_paths(compose(overrides), workdir)  # bad overrides fail here, before any process
+    cfg = resolve_paths(compose(overrides), workdir)  # bad overrides fail here, before any process
     flwr_home = (flwr_home or Path(os.environ.get("FLWR_HOME", PROJECT_DIR / ".flwr"))).resolve()
     output_dir = (output_dir or workdir / "runs").resolve()
     marker = uuid.uuid4().hex
@@ -170,7 +171,7 @@ def deploy(
         stop_marked(marker)  # SuperExec and ClientApp processes outside the groups
         if status.startswith("finished:completed"):
             shutil.rmtree(scratch, ignore_errors=True)  # keys and node logs of a good run
-    return outcome_of(run_id, status, output_dir, marker)
+    return outcome_of(run_id, status, output_dir, marker, resumed_dir(cfg.resume, workdir))
 
 
 def main(argv: list[str] | None = None) -> int:

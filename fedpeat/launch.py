@@ -462,12 +462,22 @@ def launch(
         superlink.stop()
         remove_connection(flwr_home, superlink.port)
         stop_marked(marker)  # SuperExec, simulation and Ray processes outside the group
-    return outcome_of(run_id, status, output_dir, marker)
+    return outcome_of(run_id, status, output_dir, marker, resumed_dir(cfg.resume, workdir))
 
 
-def outcome_of(run_id: int | None, status: str, output_dir: Path, marker: str) -> Outcome:
-    run_dir = None
-    if run_id is not None and output_dir.is_dir():
+def resumed_dir(resume: str, workdir: Path) -> Path | None:
+    """The run directory a `resume=<dir>` run continues in (it keeps that directory)."""
+    if not resume:
+        return None
+    path = Path(resume)
+    return path if path.is_absolute() else workdir / path
+
+
+def outcome_of(
+    run_id: int | None, status: str, output_dir: Path, marker: str, resumed: Path | None = None
+) -> Outcome:
+    run_dir = resumed if resumed is not None and resumed.is_dir() else None
+    if run_dir is None and run_id is not None and output_dir.is_dir():
         matches = sorted(output_dir.glob(f"*-{run_id}"))
         run_dir = matches[-1] if matches else None
     summary = None

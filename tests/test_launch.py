@@ -42,3 +42,19 @@ def test_a_port_in_use_is_named(tmp_path, monkeypatch) -> None:
     finally:
         link.stop()
         taken.close()
+
+
+def test_a_resumed_run_is_found_in_the_directory_it_continues(tmp_path) -> None:
+    import json
+
+    from fedpeat.launch import outcome_of, resumed_dir
+
+    old = tmp_path / "runs" / "20260101-000000-tiny-111"
+    old.mkdir(parents=True)
+    (old / "summary.json").write_text(json.dumps({"status": "completed"}))
+    assert resumed_dir("", tmp_path) is None
+    assert resumed_dir("runs/20260101-000000-tiny-111", tmp_path) == old
+    # the new Flower run id (222) names no directory: the resumed one is the run's
+    out = outcome_of(222, "finished:completed", tmp_path / "runs", "m", old)
+    assert out.run_dir == old and out.ok
+    assert outcome_of(222, "finished:completed", tmp_path / "runs", "m").run_dir is None

@@ -17,7 +17,7 @@ from strategies.privacy import epsilon, gaussian_rdp, rdp_to_epsilon
 from tests.inprocess import InProcessGrid
 
 # Generous: an honest tiny device trains in about a second, but a loaded 2-core runner is slow.
-ROUND_TIMEOUT_S = 15.0
+ROUND_TIMEOUT_S = 8.0
 HONEST = (0, 6, 7)
 
 
@@ -88,7 +88,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
         assert "non-finite" in reasons[2]
         assert "shape" in reasons[3]
         assert "update norm" in reasons[4] and "x the round's median" in reasons[4]
-        assert "no reply within strategy.round_timeout_s=15" in reasons[5]
+        assert "no reply within strategy.round_timeout_s=8" in reasons[5]
         assert "memory budget 1 MB (node config memory-mb) <" in reasons[8]
         assert "estimated for this plan" in reasons[8]
         status = {d["partition"]: d["status"] for d in row["devices"]}
