@@ -89,6 +89,8 @@ def clip_update(
     a message with a single ArrayRecord, and ours may also carry the emulator)."""
     keys = list(start)
     params = [np.array(new[k], dtype=np.float32) for k in keys]
+    if all(np.array_equal(p, start[k]) for p, k in zip(params, keys, strict=True)):
+        return dict(new)  # no update to clip (Flower's clipping divides by its norm)
     compute_clip_model_update(params, [np.asarray(start[k], dtype=np.float32) for k in keys], norm)
     return {**new, **dict(zip(keys, params, strict=True))}
 

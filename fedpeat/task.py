@@ -287,11 +287,14 @@ def check_budget(plan: Plan, node_config: Mapping[str, Any]) -> None:
     if plan.need_mb <= 0:
         return
     device = resolve_device(plan.train.device)
-    limits = {"measured free memory": available_memory_mb(device)}
+    measured = available_memory_mb(device)
+    limits = {"measured free memory": measured} if measured > 0 else {}  # -1: cannot tell
     if "memory-mb" in node_config:
         limits["node config memory-mb"] = float(node_figures(node_config)["memory-mb"])
     if plan.budget_mb > 0:
         limits["simulated device budget"] = plan.budget_mb
+    if not limits:
+        return
     source, budget = min(limits.items(), key=lambda kv: kv[1])
     if plan.need_mb > budget:
         raise MemoryBudgetError(
@@ -381,7 +384,10 @@ def available_memory_mb(device: torch.device) -> float:
     MemAvailable (free plus reclaimable cache) on a CPU; -1 when neither can be read."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free / MiB
+        # Memory PyTorch holds in its cache for this process is free to reuse here.
+        return (
+            free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        ) / MiB
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):

@@ -110,6 +110,7 @@ def _run(
         strategy.restore(resume.strategy)
         recorder.metrics.restore(resume.rows)
         recorder.state = initial = resume.state
+        recorder.start -= float(resume.rows[-1].get("elapsed_s") or 0.0)  # time continues
         first_round = resume.round + 1
         restore_rngs(resume)
 

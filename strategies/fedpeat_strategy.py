@@ -217,6 +217,7 @@ class FedPEAT(Strategy):
         self._received: dict[int, dict[str, np.ndarray]] = {}
         self._data_sizes: dict[int, list[int]] = {}
         self._round = 0
+        self.resumed = False
         self._digests: dict[float, str] = {}
         self.private = PrivateMean(cfg.privacy) if cfg.privacy.enabled else None
 
@@ -236,7 +237,7 @@ class FedPEAT(Strategy):
         """Flower's round loop (`Strategy.start`), able to begin at `first_round` when a run
         resumes from a checkpoint (then `initial_arrays` is the checkpoint's adapter and the
         round-0 evaluation is not repeated)."""
-        if first_round == 1:
+        if first_round == 1 and not self.resumed:
             return super().start(
                 grid,
                 initial_arrays,
@@ -292,6 +293,8 @@ class FedPEAT(Strategy):
     def restore(self, saved: dict[str, Any]) -> None:
         self.rng.setstate(saved["rng"])
         self.control = saved["control"]
+        self.control.cfg = self.cfg  # `rounds` may have grown; the rest is checked equal
+        self.resumed = True
         if self.private is not None:
             self.private.releases = int(saved["privacy_releases"])
         self._old_partitions: dict[int, int] = dict(saved["partitions"])
@@ -365,8 +368,14 @@ class FedPEAT(Strategy):
             self.holdings[node] = {d for d in str(prof.get("holds", "")).split(",") if d}
 
     def _sample(self, nodes: list[int], fraction: float) -> list[int]:
+        # Drawn in partition order: node ids change when a run restarts, partitions do not.
+        ordered = sorted(nodes, key=self._partition_key)
         k = max(1, round(len(nodes) * fraction))
-        return sorted(self.rng.sample(nodes, min(k, len(nodes))))
+        return sorted(self.rng.sample(ordered, min(k, len(nodes))))
+
+    def _partition_key(self, node: int) -> tuple[int, int]:
+        prof = self.profiles.get(node)
+        return (int(prof["partition-id"]), node) if prof else (1 << 62, node)
 
     def assign(self, nodes: list[int]) -> dict[int, Assignment]:
         e = self.cfg.emulator
@@ -626,8 +635,8 @@ class FedPEAT(Strategy):
             if wrong:
                 return f"invalid adapter: {wrong[0][0]} has dtype {wrong[0][1]}, expected floats"
             check_adapter_state(self._expected.get(msg.metadata.src_node_id, self.shapes), state)
-        except (AdapterStateError, ValueError, TypeError) as err:
-            return f"invalid adapter: {err}"
+        except (AdapterStateError, ValueError, TypeError, EOFError, OSError) as err:
+            return f"invalid adapter: {type(err).__name__}: {err}"
         return state, float(weight), metrics
 
     def _reject(self, stats: RoundStats, node: int, reason: str, status: str = "rejected") -> None:
@@ -672,15 +681,8 @@ class FedPEAT(Strategy):
             server_update = (server_state, float(n))
             stats.server_train_loss = result.train_loss
         valid = self._screen_norms(stats, valid, server_update)
-        if stats.devices and len(valid) < self.cfg.strategy.min_replies:
-            log(
-                WARNING,
-                "round %d: %d valid update(s), strategy.min_replies=%d: keeping the adapter",
-                server_round,
-                len(valid),
-                self.cfg.strategy.min_replies,
-            )
-            return None, None
+        # Devices that trained validly, and now hold their emulator, whether or not the round
+        # then aggregates.
         for msg, _, weight, metrics in valid:
             if dev := stats.devices.get(msg.metadata.src_node_id):
                 dev.status, dev.train_loss, dev.examples = (
@@ -693,6 +695,15 @@ class FedPEAT(Strategy):
             plan = self._plans.get(msg.metadata.src_node_id)
             if plan is not None and plan.emulator.digest:
                 self.holdings[msg.metadata.src_node_id] = {plan.emulator.digest}
+        if stats.devices and len(valid) < self.cfg.strategy.min_replies:
+            log(
+                WARNING,
+                "round %d: %d valid update(s), strategy.min_replies=%d: keeping the adapter",
+                server_round,
+                len(valid),
+                self.cfg.strategy.min_replies,
+            )
+            return None, None
         stats.num_clients = len(valid)
         if valid:
             stats.train_loss = weighted_mean(
@@ -731,8 +742,11 @@ class FedPEAT(Strategy):
             if dev := stats.devices.get(node):
                 dev.update_norm = norm
         trusted = [update_norm(server_update[0], self.state)] if server_update else []
-        bad = norm_outliers(norms, self.cfg.strategy.norm_bound, trusted)
         pv = self.cfg.privacy
+        # Under DP the median screen is off: whom it rejects depends on the other devices' data,
+        # which the noise does not cover; clipping bounds every update instead.
+        bound = 0.0 if pv.enabled else self.cfg.strategy.norm_bound
+        bad = norm_outliers(norms, bound, trusted)
         if pv.enabled and pv.clipping == "client":
             limit = pv.clipping_norm * (1 + 1e-4)  # float32 rounding of a clipped update
             for node, norm in norms.items():
@@ -785,24 +799,23 @@ class FedPEAT(Strategy):
         valid: list[tuple[Message, dict[str, np.ndarray], float, dict[str, Any]]],
         server_update: tuple[dict[str, np.ndarray], float] | None,
     ) -> dict[str, np.ndarray] | None:
-        """Clipped, noised equal-weight mean of the device updates (Flower's DP wrapper), then
-        the server's own update joins as one more equal share (post-processing: still private)."""
+        """The global adapter plus the clipped updates summed over the devices sent work and
+        noised (Flower's DP wrapper, `strategies.privacy`); the server's own update then joins as
+        one more share (post-processing: still private)."""
         assert self.private is not None
-        device_mean = None
-        if valid:
-            for msg, state, _, _ in valid:  # Flower clips tensor lists: use the global order
-                msg.content[ADAPTER_KEY] = to_record({k: state[k] for k in self.state})
-            record, stats.privacy = self.private.aggregate(
-                server_round, [m for m, *_ in valid], len(self.profiles)
-            )
-            device_mean = from_record(record) if record is not None else None
-        if device_mean is None:
+        if not stats.devices:  # no device took part: nothing private to release
             return server_update[0] if server_update else None
+        for msg, state, _, _ in valid:  # Flower clips tensor lists: use the global order
+            msg.content[ADAPTER_KEY] = to_record({k: state[k] for k in self.state})
+        record, stats.privacy = self.private.aggregate(
+            server_round, [m for m, *_ in valid], len(stats.devices), len(self.profiles)
+        )
+        device_mean = from_record(record)
         if server_update is None:
             return device_mean
-        k = len(valid)
+        n = len(stats.devices)
         return {
-            key: ((k * device_mean[key] + server_update[0][key]) / (k + 1)).astype(np.float32)
+            key: ((n * device_mean[key] + server_update[0][key]) / (n + 1)).astype(np.float32)
             for key in self.state
         }
 

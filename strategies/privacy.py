@@ -26,7 +26,11 @@ from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     Strategy,
 )
-from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+from flwr.supercore.differential_privacy import (
+    KEY_CLIPPING_NORM,
+    add_gaussian_noise_inplace,
+    compute_stdv,
+)
 
 from fedpeat.config import PrivacyConfig
 from fedpeat.protocol import ADAPTER_KEY
@@ -67,9 +71,15 @@ def epsilon(noise_multiplier: float, releases: int, delta: float) -> tuple[float
 
 
 class _Mean(Strategy):
-    """Equal-weight mean of the adapter arrays of the replies (the DP wrappers' inner strategy).
+    """The DP wrappers' inner strategy: the global adapter plus the sum of the (clipped) updates
+    divided by a fixed, public count: the devices sent work this round (DP-FedAvg's fixed
+    denominator). A device that failed, was rejected or sent nothing contributes zero, so adding
+    or removing one device changes the result by at most clipping_norm / count, which is what the
+    wrappers' noise std (noise_multiplier x clipping_norm / count) is calibrated to."""
 
-    Equal weights: the wrappers calibrate the noise to a uniform mean of clipped updates."""
+    def __init__(self) -> None:
+        self.base: dict[str, np.ndarray] = {}
+        self.count = 1
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -80,15 +90,11 @@ class _Mean(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         records = [msg.content.array_records[ADAPTER_KEY] for msg in replies]
-        if not records:
-            return None, None
-        keys = list(records[0].keys())
-        mean = {
-            k: np.mean([r[k].numpy().astype(np.float64) for r in records], axis=0).astype(
-                np.float32
-            )
-            for k in keys
-        }
+        total = {k: np.zeros(v.shape, np.float64) for k, v in self.base.items()}
+        for record in records:
+            for k, base in self.base.items():
+                total[k] += record[k].numpy().astype(np.float64) - base
+        mean = {k: (self.base[k] + total[k] / self.count).astype(np.float32) for k in self.base}
         return ArrayRecord({k: Array(v) for k, v in mean.items()}), None
 
     def configure_evaluate(
@@ -119,35 +125,48 @@ class PrivateMean:
             if self.cfg.clipping == "server"
             else DifferentialPrivacyClientSideFixedClipping
         )
-        # num_sampled_clients is set per round to the number of updates averaged.
-        self.wrapper = wrapper(_Mean(), self.cfg.noise_multiplier, self.cfg.clipping_norm, 1)
+        self.mean = _Mean()
+        # num_sampled_clients is set per round to the number of devices sent work.
+        self.wrapper = wrapper(self.mean, self.cfg.noise_multiplier, self.cfg.clipping_norm, 1)
 
     def configure(self, server_round: int, arrays: ArrayRecord, grid: Grid) -> dict[str, float]:
         """Let the wrapper see the round's global adapter (server-side clipping is relative to
         it); returns what the devices must be told (client side: the clipping norm)."""
         config = ConfigRecord()
         self.wrapper.configure_train(server_round, arrays, config, grid)
+        self.mean.base = {k: v.numpy().astype(np.float64) for k, v in arrays.items()}
         norm = config.get(KEY_CLIPPING_NORM)
         return {KEY_CLIPPING_NORM: float(norm)} if isinstance(norm, (int, float)) else {}
 
     def aggregate(
-        self, server_round: int, replies: Sequence[Message], population: int
-    ) -> tuple[ArrayRecord | None, dict[str, Any]]:
-        """Clip (server side), average with equal weights and add noise; account the release.
+        self, server_round: int, replies: Sequence[Message], sent: int, population: int
+    ) -> tuple[ArrayRecord, dict[str, Any]]:
+        """Clip (server side), sum the updates over the `sent` devices (fixed denominator) and
+        add noise; account the release.
 
         `replies` are validated ones whose adapter arrays are in the global adapter's key order.
-        Returns the noisy mean and this round's privacy row."""
-        self.wrapper.num_sampled_clients = len(replies)
-        mean, _ = self.wrapper.aggregate_train(server_round, list(replies))
-        if mean is None:
-            return None, {}
+        An update of exactly zero is left out (it adds nothing, and Flower's clipping divides by
+        the norm). Returns the noisy adapter and this round's privacy row."""
+        count = max(sent, 1)
+        self.mean.count = self.wrapper.num_sampled_clients = count
+        moved = [m for m in replies if _moved(m, self.mean.base)]
+        mean = None
+        if moved:
+            mean, _ = self.wrapper.aggregate_train(server_round, list(moved))
+        if mean is None:  # nothing moved: the release is the adapter itself, noised the same way
+            arrays = [v.astype(np.float32) for v in self.mean.base.values()]
+            add_gaussian_noise_inplace(
+                arrays, compute_stdv(self.cfg.noise_multiplier, self.cfg.clipping_norm, count)
+            )
+            mean = ArrayRecord({k: Array(v) for k, v in zip(self.mean.base, arrays, strict=True)})
         self.releases += 1  # without noise, epsilon is infinite (reported as None)
         eps, order = epsilon(self.cfg.noise_multiplier, self.releases, self.cfg.target_delta)
         row: dict[str, Any] = {
             "clipping": self.cfg.clipping,
             "clipping_norm": self.cfg.clipping_norm,
-            "noise_std": self.cfg.noise_multiplier * self.cfg.clipping_norm / len(replies),
-            "devices": len(replies),
+            "noise_std": compute_stdv(self.cfg.noise_multiplier, self.cfg.clipping_norm, count),
+            "devices": count,
+            "updates": len(replies),
             "population": population,
             "releases": self.releases,
             "epsilon": None if math.isinf(eps) else eps,
@@ -156,3 +175,8 @@ class PrivateMean:
         }
         self.history.append(row)
         return mean, row
+
+
+def _moved(msg: Message, base: dict[str, np.ndarray]) -> bool:
+    record = msg.content.array_records[ADAPTER_KEY]
+    return any(np.any(record[k].numpy() != base[k].astype(np.float32)) for k in base)

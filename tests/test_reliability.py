@@ -17,7 +17,7 @@ from strategies.privacy import epsilon, gaussian_rdp, rdp_to_epsilon
 from tests.inprocess import InProcessGrid
 
 # Generous: an honest tiny device trains in about a second, but a loaded 2-core runner is slow.
-ROUND_TIMEOUT_S = 8.0
+ROUND_TIMEOUT_S = 15.0
 HONEST = (0, 6, 7)
 
 
@@ -61,6 +61,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
 ) -> None:
     overrides = [
         "experiment=tiny",
+        "rounds=1",  # one round shows it; each round sleeps through the deadline once
         f"strategy.round_timeout_s={ROUND_TIMEOUT_S}",
         "strategy.min_nodes=1",
         "strategy.fraction_evaluate=0",
@@ -80,7 +81,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
     grid.fail = memory_taken
     _run(grid, cfg, faulty)
     rows = read_metrics(faulty / "metrics.jsonl")
-    assert len(rows) == 3 and (faulty / "summary.json").is_file()
+    assert len(rows) == 2 and (faulty / "summary.json").is_file()
     for row in rows[1:]:
         reasons = {r["node"] - 1000: r["reason"] for r in row["rejected"]}
         assert sorted(reasons) == [1, 2, 3, 4, 5, 8], reasons
@@ -88,7 +89,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
         assert "non-finite" in reasons[2]
         assert "shape" in reasons[3]
         assert "update norm" in reasons[4] and "x the round's median" in reasons[4]
-        assert "no reply within strategy.round_timeout_s=8" in reasons[5]
+        assert "no reply within strategy.round_timeout_s=15" in reasons[5]
         assert "memory budget 1 MB (node config memory-mb) <" in reasons[8]
         assert "estimated for this plan" in reasons[8]
         status = {d["partition"]: d["status"] for d in row["devices"]}
@@ -143,16 +144,17 @@ def test_rdp_accountant_by_hand() -> None:
 
 def _clipped(update: dict[str, np.ndarray], norm: float) -> dict[str, np.ndarray]:
     total = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2) for v in update.values()))
-    return {k: v * min(1.0, norm / total) for k, v in update.items()}
+    return {k: v * (min(1.0, norm / total) if total > 0 else 1.0) for k, v in update.items()}
 
 
 @pytest.mark.parametrize(("clipping", "noise"), [("server", 0.0), ("client", 1.5)])
 def test_dp_clipping_bounds_every_contribution(
     tmp_path, server_identity, device_disks, clipping, noise
 ) -> None:
-    """Server-side clipping without noise: the new adapter is exactly the mean of the clipped
-    updates. Client-side with noise: every update arrives clipped, and the privacy spent is
-    reported per round."""
+    """Server-side clipping without noise: the new adapter is exactly the global one plus the
+    clipped updates summed over the devices sent work, one of which echoes what it received (a
+    zero update, which must not break the clipping). Client-side with noise: every update
+    arrives clipped, and the privacy spent is reported per round."""
     clip = 1e-3
     cfg = compose(
         [
@@ -168,6 +170,8 @@ def test_dp_clipping_bounds_every_contribution(
 
     def record(msg: Message, node: int, reply: Message) -> Message:
         if msg.metadata.message_type == "train" and not reply.has_error():
+            if clipping == "server" and node == 1002:
+                reply = _with_adapter(reply, _adapter(msg))  # trained nothing
             rnd = int(msg.content.config_records["plan"]["server-round"])
             replies[rnd].append((_adapter(msg), _adapter(reply)))
         return reply
@@ -197,9 +201,9 @@ def test_dp_clipping_bounds_every_contribution(
         assert 0 < privacy[0]["epsilon"] < privacy[1]["epsilon"]
         assert np.isfinite(rows[-1]["plugin_ppl"])
         return
-    assert all(n > 10 * clip for n in norms)  # unclipped on the wire, far above the bound
+    assert all(n > 10 * clip for n in norms[:2]) and norms[2] == 0  # unclipped on the wire
     expected = {
-        k: start[k] + np.mean([_clipped(u, clip)[k] for u in updates], axis=0) for k in start
+        k: start[k] + np.sum([_clipped(u, clip)[k] for u in updates], axis=0) / 3 for k in start
     }
     for key in start:
         np.testing.assert_allclose(sent_round2[key], expected[key], atol=1e-7)
