@@ -63,11 +63,11 @@ def _rows(outcome) -> list[dict]:
     return [json.loads(x) for x in (outcome.run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _deploy(where, node_config: list[str], secure: bool = False):
+def _deploy(where, node_config: list[str], secure: bool = False, rounds: int = 2):
     return deploy(
         len(node_config),
         # No device-side evaluation: each one would start another ClientApp process per node.
-        "experiment=tiny emulator.case=1 strategy.fraction_evaluate=0",
+        f"experiment=tiny emulator.case=1 strategy.fraction_evaluate=0 rounds={rounds}",
         node_config,
         secure=secure,
         output_dir=where / "runs",
@@ -78,11 +78,12 @@ def _deploy(where, node_config: list[str], secure: bool = False):
 
 
 def _check_caching_and_profiles(rows: list[dict]) -> None:
-    assert [r["num_clients"] for r in rows] == [0, 2, 2]
-    # Every round's ClientApp process is fresh, yet round 2 sends no emulator: the nodes'
-    # disk caches hold it.
+    assert [r["num_clients"] for r in rows] == [0, 2, 2][: len(rows)]
     assert rows[1]["exchanges"] == 2 and rows[1]["emulator_bytes"] > 0
-    assert rows[2]["exchanges"] == 0 and rows[2]["emulator_bytes"] == 0
+    if len(rows) > 2:
+        # Every round's ClientApp process is fresh, yet round 2 sends no emulator: the nodes'
+        # disk caches hold it.
+        assert rows[2]["exchanges"] == 0 and rows[2]["emulator_bytes"] == 0
     # The profiles came from the nodes: their configured budgets and figures, the rest flagged.
     profiles = {p["profile"]: p for p in rows[1]["profiles"].values()}
     assert profiles["near"]["memory_mb"] == 4000 and profiles["near"]["distance_m"] == 50
@@ -105,7 +106,8 @@ def deployments(tmp_path_factory):
     with ThreadPoolExecutor(2) as pool:
         # Two devices with different profiles, and a third whose budget fits no emulator.
         a = pool.submit(_deploy, plain, [NEAR, FAR, "memory-mb=1 profile=tiny-budget"])
-        b = pool.submit(_deploy, secure, [NEAR, FAR], True)
+        # TLS and node authentication: one round shows them (caching is the plain run's).
+        b = pool.submit(_deploy, secure, [NEAR, FAR], True, 1)
         return {"plain": (plain, a.result()), "secure": (secure, b.result())}
 
 
@@ -123,7 +125,9 @@ def test_loopback_deployment_caches_emulators_and_skips_a_node_that_fits_none(de
 @pytest.mark.slow
 def test_secure_deployment_with_node_authentication(deployments):
     where, outcome = deployments["secure"]
-    _check_caching_and_profiles(_rows(outcome))
+    rows = _rows(outcome)
+    assert len(rows) == 2
+    _check_caching_and_profiles(rows)
     # Keys and certificates of a completed run are removed with its scratch directory.
     assert not list((where / "flwr").glob("deploy-*"))
 
