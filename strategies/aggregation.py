@@ -74,6 +74,11 @@ def lora_pairs(state: State) -> dict[str, tuple[str, str]]:
     return pairs
 
 
+def _zero_below(s: np.ndarray, shape: tuple[int, ...]) -> float:
+    """Singular values at or below this are numerically zero (numpy's matrix_rank rule)."""
+    return float((s[0] if len(s) else 0.0) * max(shape) * np.finfo(np.float64).eps)
+
+
 def factorise(
     delta: np.ndarray, rank: int, fill: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,7 +97,7 @@ def factorise(
     """
     u, s, vt = np.linalg.svd(delta.astype(np.float64), full_matrices=False)
     k = min(rank, len(s))
-    tol = (s[0] if len(s) else 0.0) * max(delta.shape) * np.finfo(np.float64).eps
+    tol = _zero_below(s, delta.shape)
     used = int(np.sum(s[:k] > tol)) if fill is not None else k
     b = np.zeros((delta.shape[0], rank))
     a = np.zeros((rank, delta.shape[1]))
@@ -202,7 +207,7 @@ def residual_state(state: State, rank: int) -> dict[str, np.ndarray]:
     for a_key, b_key in lora_pairs(state).values():
         delta = state[b_key].astype(np.float64) @ state[a_key].astype(np.float64)
         u, s, vt = np.linalg.svd(delta, full_matrices=False)
-        tol = (s[0] if len(s) else 0.0) * max(delta.shape) * np.finfo(np.float64).eps
+        tol = _zero_below(s, delta.shape)
         k = int(np.sum(s > tol))
         if k <= rank:
             continue
