@@ -120,6 +120,8 @@ class DeviceRound:
     train_loss: float | None = None
     examples: int = 0
     train_s: float | None = None
+    handler_s: float | None = None
+    """Seconds in the ClientApp's train handler (loading the emulator, training, packing)."""
     peak_mem_mb: float | None = None
     status: str = "sent"
     rank: int = 0
@@ -163,6 +165,11 @@ class RoundStats:
     """Profiles first heard this round: the node's report, the figures used, what was assumed."""
     privacy: dict[str, Any] | None = None
     """privacy.enabled: clipping, noise std, devices averaged, epsilon spent so far at delta."""
+    timing: dict[str, float] = field(default_factory=dict)
+    """Server-side seconds per phase: configure (planning, packaging), profile (the query
+    exchange), train_exchange and evaluate_exchange (sent until every reply is in: the devices'
+    work plus Flower's transport), server_train, aggregate; client_eval_sum: the devices'
+    evaluate handlers."""
 
     def as_row(self) -> dict[str, Any]:
         return {
@@ -189,6 +196,7 @@ class RoundStats:
             "rejected": self.rejected,
             "profiles": {str(n): p for n, p in self.profiles.items()},
             "privacy": self.privacy,
+            "timing": self.timing,
         }
 
 
@@ -198,6 +206,7 @@ class FedPEAT(Strategy):
     def __init__(self, cfg: Config, server: ServerModel, checkpoint: Path | None = None) -> None:
         self.cfg = cfg
         self.server = server
+        self._sent_at = time.perf_counter()  # when the last messages left (phase timing)
         self.control = OnlineControl(
             cfg,
             checkpoint,
@@ -486,9 +495,21 @@ class FedPEAT(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        began = time.perf_counter()
+        messages = list(self._configure_train(server_round, arrays, grid))
+        self._sent_at = time.perf_counter()
+        timing = self.stats[server_round].timing
+        timing["configure"] = self._sent_at - began - timing.get("profile", 0.0)
+        return messages
+
+    def _configure_train(
+        self, server_round: int, arrays: ArrayRecord, grid: Grid
+    ) -> Iterable[Message]:
         nodes = self._connected(grid)
         stats = self.stats.setdefault(server_round, RoundStats())
+        began = time.perf_counter()
         self._profiles(grid, nodes, stats)
+        stats.timing["profile"] = time.perf_counter() - began
         self._renumber()
         sampled = [
             n for n in self._sample(nodes, self.cfg.strategy.fraction_train) if n in self.profiles
@@ -650,6 +671,16 @@ class FedPEAT(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        began = time.perf_counter()
+        timing = self.stats.setdefault(server_round, RoundStats()).timing
+        timing["train_exchange"] = began - self._sent_at
+        result = self._aggregate_train(server_round, replies)
+        timing["aggregate"] = time.perf_counter() - began - timing.get("server_train", 0.0)
+        return result
+
+    def _aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         stats = self.stats.setdefault(server_round, RoundStats())
         self._round = server_round
         valid: list[tuple[Message, dict[str, np.ndarray], float, dict[str, Any]]] = []
@@ -677,7 +708,9 @@ class FedPEAT(Strategy):
         server_update = None
         if self.cfg.strategy.server_train and (valid or not stats.devices):
             # The server's own update joins the average like one more (trusted) device.
+            began = time.perf_counter()
             server_state, result, n = self.server.train(self.state, server_round)
+            stats.timing["server_train"] = time.perf_counter() - began
             server_update = (server_state, float(n))
             stats.server_train_loss = result.train_loss
         valid = self._screen_norms(stats, valid, server_update)
@@ -691,6 +724,7 @@ class FedPEAT(Strategy):
                     int(weight),
                 )
                 dev.train_s = _num(metrics.get("train_s"))
+                dev.handler_s = _num(metrics.get("handler_s"))
                 dev.peak_mem_mb = _num(metrics.get("peak_mem_mb"))
             plan = self._plans.get(msg.metadata.src_node_id)
             if plan is not None and plan.emulator.digest:
@@ -837,6 +871,11 @@ class FedPEAT(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Devices that trained this round evaluate the new global adapter on their emulator."""
+        messages = list(self._configure_evaluate(server_round, arrays))
+        self._sent_at = time.perf_counter()
+        return messages
+
+    def _configure_evaluate(self, server_round: int, arrays: ArrayRecord) -> Iterable[Message]:
         if self.cfg.strategy.fraction_evaluate <= 0:
             return []
         stats = self.stats.setdefault(server_round, RoundStats())
@@ -864,6 +903,7 @@ class FedPEAT(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         stats = self.stats.setdefault(server_round, RoundStats())
+        stats.timing["evaluate_exchange"] = time.perf_counter() - self._sent_at
         losses, tokens = [], []
         for msg in replies:
             if msg.has_content():
@@ -871,6 +911,9 @@ class FedPEAT(Strategy):
             if msg.has_error() or METRICS_KEY not in msg.content.metric_records:
                 continue
             m = msg.content.metric_records[METRICS_KEY]
+            stats.timing["client_eval_sum"] = stats.timing.get("client_eval_sum", 0.0) + (
+                _num(m.get("handler_s")) or 0.0
+            )
             loss, count = _num(m.get("eval_loss")), _num(m.get("eval_tokens"))
             if loss is not None and count is not None and count > 0:
                 losses.append(loss)

@@ -12,7 +12,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from fedpeat.config import compose
 from server_app.app import _run
-from tests.inprocess import InProcessGrid
+from bench.inprocess import InProcessGrid
 
 
 def main() -> None:

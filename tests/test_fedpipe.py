@@ -21,7 +21,7 @@ from fedpeat.quantization import quantize_frozen, quantized_linear_count
 from fedpeat.task import ServerModel, initial_adapter_state
 from fedpeat.train import evaluate_ppl, local_train
 from server_app.app import _run
-from tests.inprocess import InProcessGrid
+from bench.inprocess import InProcessGrid
 
 CPU = torch.device("cpu")
 

@@ -12,7 +12,7 @@ from fedpeat.model import load_model
 from fedpeat.outputs import read_metrics
 from server_app.app import _run
 from strategies.fedpeat_strategy import content_bytes
-from tests.inprocess import InProcessGrid
+from bench.inprocess import InProcessGrid
 
 
 def _arrays(msg):

@@ -1,7 +1,7 @@
 """An in-process Grid: runs the real ClientApp for each message, records everything sent.
 
-It lets a test drive the real ServerApp code path (strategy, recorder, outputs) for a whole run
-without Ray, and inspect every message that left the server.
+It lets a test or a benchmark drive the real ServerApp code path (strategy, recorder, outputs)
+for a whole run without Ray, and inspect every message that left the server.
 """
 
 from __future__ import annotations
