@@ -1,12 +1,73 @@
-"""Run every benchmark: `python -m bench` (make bench). Results go to bench/results/."""
+"""Every benchmark in one run: `python -m bench` (make bench). Results go to bench/results/.
 
+Each stage runs in a process of its own (memory readings need a fresh address space). Stages and
+their seconds are written to bench/results/bench_run.json.
+
+    python -m bench [--seeds 42,43] [--only memory,federated] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
 import sys
+import time
 
-from bench import emulator_step, merged_forward, model_load, quant_memory
+from bench.common import RESULTS, machine, write_json
+
+
+def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
+    py = [sys.executable, "-m"]
+    # --pretrain: the PPO policy the ppo runs start from is trained (and compared on the
+    # edge-system environment) first, beside the other runs.
+    federated = [*py, "bench.federated", "--seeds", seeds, "--pretrain"]
+    federated += ["--reuse"] if reuse else []
+    return {
+        "model_load": [[*py, "bench.model_load"]],
+        "retention": [[*py, "fedpeat.retention", "--out", str(RESULTS)]],
+        "memory": [[*py, "bench.client_memory"]],
+        "federated": [federated],
+        "merged_forward": [[*py, "bench.merged_forward"]],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", default="42,43", help="seeds of the federated runs")
+    parser.add_argument("--only", default="", help="comma-separated stages")
+    parser.add_argument("--reuse", action="store_true", help="keep completed federated runs")
+    args = parser.parse_args()
+    plan = stages(args.seeds, args.reuse)
+    chosen = args.only.split(",") if args.only else list(plan)
+    unknown = [s for s in chosen if s not in plan]
+    if unknown:
+        print(f"--only: unknown stage(s) {unknown}; stages are {list(plan)}", file=sys.stderr)
+        return 2
+    began, seconds = time.perf_counter(), {}
+    for i, name in enumerate(chosen, 1):
+        print(f"[bench {i}/{len(chosen)}] {name} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        for cmd in plan[name]:
+            if subprocess.run(cmd).returncode != 0:
+                print(f"[bench] {name} failed: {' '.join(cmd[2:])}", file=sys.stderr)
+                return 1
+        seconds[name] = time.perf_counter() - t
+        print(
+            f"[bench {i}/{len(chosen)}] {name} done in {seconds[name]:.0f}s "
+            f"(total {time.perf_counter() - began:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    if not args.only:
+        total = time.perf_counter() - began
+        write_json(
+            "bench_run.json",
+            {"machine": machine(), "seeds": args.seeds, "stage_s": seconds, "total_s": total},
+        )
+    return 0
+
 
 if __name__ == "__main__":
-    model_load.main()
-    sys.argv = sys.argv[:1]
-    emulator_step.main()
-    quant_memory.main()
-    merged_forward.main()
+    sys.exit(main())

@@ -18,7 +18,7 @@ import platform
 import tempfile
 import time
 
-from bench.emulator_step import RESULTS
+from bench.common import RESULTS
 
 
 def main() -> None:

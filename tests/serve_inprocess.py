@@ -10,9 +10,9 @@ from pathlib import Path
 
 from flwr.supercore.task_identity import TaskIdentity
 
+from bench.inprocess import InProcessGrid
 from fedpeat.config import compose
 from server_app.app import _run
-from bench.inprocess import InProcessGrid
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.inprocess import InProcessGrid
 from fedpeat.config import compose
 from fedpeat.data import encode
 from fedpeat.emulator import adapter_region, build_emulator, to_emulator_modules
@@ -21,7 +22,6 @@ from fedpeat.quantization import quantize_frozen, quantized_linear_count
 from fedpeat.task import ServerModel, initial_adapter_state
 from fedpeat.train import evaluate_ppl, local_train
 from server_app.app import _run
-from bench.inprocess import InProcessGrid
 
 CPU = torch.device("cpu")
 

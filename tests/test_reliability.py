@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message
 
+from bench.inprocess import InProcessGrid
 from fedpeat.config import compose
 from fedpeat.outputs import read_metrics
 from fedpeat.protocol import ADAPTER_KEY
 from server_app.app import _run
 from strategies.privacy import epsilon, gaussian_rdp, rdp_to_epsilon
-from bench.inprocess import InProcessGrid
 
 # Generous: an honest tiny device trains in about a second, but a loaded 2-core runner is slow.
 ROUND_TIMEOUT_S = 15.0

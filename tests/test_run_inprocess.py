@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from bench.inprocess import InProcessGrid
 from fedpeat import task
 from fedpeat.config import compose
 from fedpeat.emulator import select_layers
@@ -12,7 +13,6 @@ from fedpeat.model import load_model
 from fedpeat.outputs import read_metrics
 from server_app.app import _run
 from strategies.fedpeat_strategy import content_bytes
-from bench.inprocess import InProcessGrid
 
 
 def _arrays(msg):

@@ -1,0 +1,323 @@
+"""One device's peak training memory and throughput: Fed-FT, FlowerTune-style, FedPEAT emulators.
+
+Each configuration runs in a fresh process on the same batches (default batch and length), as a
+device would hold it:
+
+  fed_ft       the full model, every weight trained with AdamW (fp32)
+  flowertune   the full model, frozen weights in 4-bit NF4, LoRA on every layer (FlowerTune's
+               LLM recipe)
+  full_lora    the full model in fp32 with FedPEAT's adapter (the adapter region's layers): the
+               reference for throughput
+  keep K, B    FedPEAT's emulator at keep ratio K (from its cached wire form), frozen weights at
+               B = 16 (bf16) or 4 (NF4) bits, the same adapter
+
+Memory: `runtime` is the resident size after imports and data, before the model; the training
+peak is VmHWM over the timed steps after the high-water mark is reset once the model is ready
+and has taken one step (so optimizer states exist); `train - runtime` is what training needs
+beyond the interpreter and libraries, the figure the targets and the cost model speak of. Where
+the CPU lacks native bf16, 16-bit steps are emulated and very slow: there the one warm-up step
+is the measured one. Throughput: trained tokens per second over the timed steps; the full model
+and keep 0.5 / 4-bit are profiled for one more step (torch.profiler, self CPU time by operator
+and input shapes) to name what bounds a step.
+Writes bench/results/client_memory.{json,md}.
+
+    python -m bench.client_memory [--steps 2] [--overrides "..."]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine, peak_rss_mb, reset_peak, rss_mb, table, write_json, write_md
+
+LEVELS = (0.75, 0.5, 0.25)
+FULL_FT_LR = 5.0e-5  # experiment=fed_ft's rate; memory does not depend on it
+PROFILED = ("full_lora", "keep0.5-4")
+
+
+def configs() -> list[str]:
+    return ["fed_ft", "flowertune", "full_lora"] + [f"keep{k}-{b}" for b in (16, 4) for k in LEVELS]
+
+
+def _model(name: str, cfg: Any, pkg_dir: Path) -> Any:
+    """What the device holds for configuration `name`, ready to train."""
+    import torch
+
+    from fedpeat.emulator import adapter_region, load_package, unpackage
+    from fedpeat.lora import attach_lora
+    from fedpeat.model import load_model
+    from fedpeat.quantization import compute_dtype, fast_bf16, quantize_frozen
+
+    cpu = torch.device("cpu")
+    model_dtype = getattr(torch, cfg.model.dtype)
+    bf16 = fast_bf16(cpu)
+    if name == "fed_ft":
+        model = load_model(cfg.model, cpu, cached=False)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if name == "flowertune":
+        base = load_model(cfg.model, cpu, cached=False)
+        quantize_frozen(base, 4, cpu, compute_dtype(4, model_dtype, bf16))
+        return attach_lora(base, cfg.adapter)  # every layer
+    if name == "full_lora":
+        base = load_model(cfg.model, cpu, cached=False)
+        n = int(base.config.num_hidden_layers)
+        e = cfg.emulator
+        return attach_lora(base, cfg.adapter, layers=adapter_region(n, e.bottom, e.top))
+    keep, bits = name.removeprefix("keep").split("-")
+    digest = (pkg_dir / f"{keep}.digest").read_text()
+    dtype = compute_dtype(int(bits), model_dtype, bf16)
+    emulator = unpackage(load_package(pkg_dir / keep, digest), dtype=dtype)
+    quantize_frozen(emulator.model, int(bits), cpu, dtype)
+    return attach_lora(emulator.model, cfg.adapter, layers=emulator.adapter_layers)
+
+
+def _profile(model: Any, data: Any, train: Any, pad: int, vocab: int) -> list[dict[str, Any]]:
+    """Self CPU time of one training step by operator and input shapes, largest first."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from fedpeat.train import local_train
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        local_train(model, data, replace(train, local_steps=1), 7, pad, torch.device("cpu"))
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]
+    return [
+        {
+            "op": e.key,
+            "shapes": str(e.input_shapes),
+            "share": e.self_cpu_time_total / total,
+            "lm_head": any(vocab in s for s in e.input_shapes if isinstance(s, list)),
+        }
+        for e in top
+    ]
+
+
+def measure(name: str, overrides: str, steps: int, pkg_dir: Path) -> dict[str, Any]:
+    """Runs in the child process."""
+    import torch
+
+    from fedpeat.config import compose
+    from fedpeat.data import encode, server_train_data
+    from fedpeat.model import load_tokenizer
+    from fedpeat.quantization import fast_bf16
+    from fedpeat.train import local_train
+
+    cfg = compose(overrides)
+    cpu = torch.device("cpu")
+    tok = load_tokenizer(cfg.model)
+    data = encode(server_train_data(cfg.data), tok, cfg.data.max_length)
+    data = [e for e in data if len(e.input_ids) == cfg.data.max_length] or data
+    train = replace(cfg.train, lr=FULL_FT_LR) if name == "fed_ft" else cfg.train
+    pad = int(tok.pad_token_id)
+    runtime = rss_mb()
+    model = _model(name, cfg, pkg_dir)
+    model_mb = rss_mb() - runtime
+    slow = name.endswith("-16") and not fast_bf16(cpu)
+    if not slow:  # optimizer states exist from the first step on
+        local_train(model, data, replace(train, local_steps=1), 0, pad, cpu)
+    reset_peak()
+    start = time.perf_counter()
+    result = local_train(model, data, replace(train, local_steps=1 if slow else steps), 1, pad, cpu)
+    seconds = time.perf_counter() - start
+    out: dict[str, Any] = {
+        "runtime_mb": runtime,
+        "model_mb": model_mb,
+        "train_peak_mb": peak_rss_mb(),
+        "tokens_per_s": result.tokens / seconds,
+        "step_s": seconds / result.steps,
+        "timed_steps": result.steps,
+        "first_step_timed": slow,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    if name in PROFILED:
+        out["profile"] = _profile(model, data, train, pad, len(tok))
+    return out
+
+
+def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
+    """Cut every emulator once (as the server does) into its wire form; the cost model's
+    estimates and the bytes each configuration exchanges."""
+    import torch
+
+    from fedpeat.config import DeviceProfile, compose
+    from fedpeat.cost import activation_bytes, logits_bytes
+    from fedpeat.emulator import save_package
+    from fedpeat.quantization import fast_bf16
+    from fedpeat.task import ServerModel
+    from strategies.planning import compute_bits
+
+    cfg = compose(overrides)
+    server = ServerModel(cfg)
+    here = DeviceProfile(bf16=fast_bf16(torch.device("cpu")))
+    runtime = cfg.planner.runtime_mb
+    est: dict[str, float] = {}
+    for keep in LEVELS:
+        pkg = server.package(keep)
+        save_package(pkg, pkg_dir / str(keep))
+        (pkg_dir / f"{keep}.digest").write_text(pkg.digest)
+        for bits in (16, 4):
+            cb = compute_bits(bits, here, server.model_bits)
+            est[f"keep{keep}-{bits}"] = server.memory_need_mb(keep, bits, compute_bits=cb) - runtime
+    est["full_lora"] = server.memory_need_mb(None) - runtime
+    # Full fine-tuning: weights, gradients and AdamW's two moments (16 B per fp32 parameter)
+    # plus the same activations and logits as a LoRA step.
+    shape, b, s = server.full_shape, cfg.train.batch_size, cfg.data.max_length
+    est["fed_ft"] = (
+        16 * shape.params + activation_bytes(shape, b, s) + logits_bytes(shape, b, s)
+    ) / 2**20
+    return {"estimate_mb": est, "layers": {k: len(server.emulator(k).layers) for k in LEVELS}}
+
+
+def _label(name: str, layers: dict[str, int]) -> str:
+    if name == "fed_ft":
+        return "Fed-FT: full model, full fine-tuning (fp32, AdamW)"
+    if name == "flowertune":
+        return "FlowerTune-style: full model 4-bit NF4 + LoRA (all layers)"
+    if name == "full_lora":
+        return "full model fp32 + FedPEAT's LoRA"
+    keep, bits = name.removeprefix("keep").split("-")
+    kind = "bf16" if bits == "16" else "NF4"
+    return f"FedPEAT emulator keep {keep} ({layers[keep]} layers), {bits}-bit {kind}"
+
+
+def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, Any]:
+    fed = rows["fed_ft"]
+    fed_net = fed["train_peak_mb"] - fed["runtime_mb"]
+    ref = rows["full_lora"]["tokens_per_s"]
+    layers = {str(k): v for k, v in prep["layers"].items()}
+    lines = []
+    for name, r in rows.items():
+        net = r["train_peak_mb"] - r["runtime_mb"]
+        est = prep["estimate_mb"].get(name)
+        lines.append(
+            [
+                _label(name, layers),
+                f"{net:.0f}",
+                f"{net / fed_net:.3f}",
+                f"1/{fed_net / net:.1f}",
+                f"{r['train_peak_mb']:.0f}",
+                f"{r['train_peak_mb'] / fed['train_peak_mb']:.2f}",
+                f"{est:.0f}" if est else "-",
+                f"{net / est:.2f}" if est else "-",
+                f"{r['tokens_per_s']:.0f}" + (" (1st step)" if r["first_step_timed"] else ""),
+                f"{r['tokens_per_s'] / ref:.2f}",
+            ]
+        )
+    header = [
+        "configuration",
+        "train - runtime MB",
+        "vs Fed-FT",
+        "fraction",
+        "process peak MB",
+        "vs Fed-FT",
+        "estimate MB",
+        "measured / estimate",
+        "tokens/s",
+        "vs full model",
+    ]
+    target = rows["keep0.5-4"]
+    t_net = target["train_peak_mb"] - target["runtime_mb"]
+    ratio = t_net / fed_net
+    hot = {n: rows[n]["profile"] for n in PROFILED}
+    return {
+        "header": header,
+        "lines": lines,
+        "target": {
+            "config": "keep0.5-4",
+            "ratio": ratio,
+            "limit": 1 / 8,
+            "met": ratio <= 1 / 8,
+            "process_ratio": target["train_peak_mb"] / fed["train_peak_mb"],
+        },
+        "hot_spots": hot,
+    }
+
+
+def _hot_lines(hot: dict[str, list[dict[str, Any]]]) -> list[str]:
+    out = []
+    for name, ops in hot.items():
+        parts = [
+            f"{o['op']} {o['shapes']}{' (LM head)' if o['lm_head'] else ''} {100 * o['share']:.0f}%"
+            for o in ops[:4]
+        ]
+        head = sum(o["share"] for o in ops if o["lm_head"])
+        out.append(
+            f"- {name}: " + "; ".join(parts) + f". LM-head operators among the top: "
+            f"{100 * head:.0f}% of the step."
+        )
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
+    parser.add_argument("--overrides", default="")
+    parser.add_argument("--only", default="", help="comma-separated configurations")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--pkg-dir", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child is not None:
+        print(json.dumps(measure(args.child, args.overrides, args.steps, args.pkg_dir)))
+        return
+    names = args.only.split(",") if args.only else configs()
+    rows: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prep = prepare(args.overrides, Path(tmp))
+        for i, name in enumerate(names, 1):
+            cmd = [sys.executable, "-m", "bench.client_memory", "--child", name]
+            cmd += ["--steps", str(args.steps), "--overrides", args.overrides, "--pkg-dir", tmp]
+            began = time.perf_counter()
+            out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            if out.returncode != 0:
+                raise RuntimeError(f"bench.client_memory {name} failed:\n{out.stderr[-3000:]}")
+            rows[name] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(
+                f"[memory {i}/{len(names)}] {name}: train peak {rows[name]['train_peak_mb']:.0f}"
+                f" MB, {rows[name]['tokens_per_s']:.0f} tokens/s "
+                f"({time.perf_counter() - began:.0f}s)",
+                file=sys.stderr,
+            )
+    if set(configs()) - set(rows):
+        print("partial run (--only): no report", file=sys.stderr)
+        return
+    rep = report(rows, prep)
+    where = machine()
+    t = rep["target"]
+    text = "\n".join(
+        [
+            table(rep["header"], rep["lines"]),
+            "",
+            f"Target: keep 0.5 with 4-bit weights needs {t['ratio']:.3f} of Fed-FT's training "
+            f"memory (limit 1/8 = 0.125): {'met' if t['met'] else 'missed'}; counting the "
+            f"whole process (interpreter and libraries too) {t['process_ratio']:.2f}.",
+            "",
+            "Hot spots (self CPU time of one training step, top operators):",
+            *_hot_lines(rep["hot_spots"]),
+            "",
+            f"{where}; batch and length from the config; one process per row.",
+        ]
+    )
+    write_md("client_memory.md", text)
+    write_json(
+        "client_memory.json",
+        {"machine": where, "rows": rows, **prep, "target": t, "hot_spots": rep["hot_spots"]},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""What every benchmark shares: where results go, memory readings, the machine's description."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MiB = 1024 * 1024
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now."""
+    return _status_mb("VmRSS")
+
+
+def peak_rss_mb() -> float:
+    """VmHWM: this address space's peak resident memory. (ru_maxrss would also count the
+    parent's, since Linux carries it across fork and exec.)"""
+    return _status_mb("VmHWM")
+
+
+def reset_peak() -> None:
+    """Hand freed heap back to the OS, then reset VmHWM to the current resident size (Linux >=
+    4.0), so a later peak is the training step's, not the model load's."""
+    from fedpeat.quantization import release_freed_memory
+
+    release_freed_memory()
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def machine() -> str:
+    """The machine in one line: CPU model, cores, memory, GPU if any."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem = int(Path("/proc/meminfo").read_text().split()[1]) / MiB
+    except OSError:
+        mem = float("nan")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB, {gpu}, torch {torch.__version__}"
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
+    return path
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    """A markdown table; floats as given (format them before)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_md(name: str, text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / name
+    path.write_text(text.rstrip() + "\n")
+    print(text)
+    return path

@@ -1,0 +1,121 @@
+"""The benchmark's arithmetic on hand-built metrics rows (the runs themselves are `make bench`)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.common import table
+from bench.federated import (
+    bytes_until,
+    device_steps,
+    per_device_bytes,
+    plan_runs,
+    reached_round,
+    round_overhead,
+    spread,
+)
+
+
+def _dev(level: float, down: int, up: int, sent: bool, status: str = "ok", **kw: float) -> dict:
+    return {
+        "level": level,
+        "bytes_down": down,
+        "bytes_up": up,
+        "emulator_sent": sent,
+        "status": status,
+        "partition": 0,
+        **kw,
+    }
+
+
+ROWS = [
+    {"round": 0, "plugin_ppl": 115.0, "elapsed_s": 10.0},
+    {
+        "round": 1,
+        "plugin_ppl": 109.0,
+        "bytes_down": 1000,
+        "bytes_up": 20,
+        "elapsed_s": 70.0,
+        "eval_s": 8.0,
+        "devices": [
+            _dev(0.5, 900, 10, True, train_s=6.0, handler_s=9.0),
+            _dev(0.75, 100, 10, False, train_s=4.0, handler_s=5.0),
+            _dev(0.25, 50, 0, True, status="rejected"),
+        ],
+        "timing": {
+            "configure": 3.0,
+            "profile": 2.0,
+            "train_exchange": 12.0,
+            "evaluate_exchange": 4.0,
+            "client_eval_sum": 2.0,
+            "server_train": 5.0,
+            "aggregate": 1.0,
+        },
+    },
+    {
+        "round": 2,
+        "plugin_ppl": 101.0,
+        "bytes_down": 200,
+        "bytes_up": 20,
+        "elapsed_s": 100.0,
+        "devices": [_dev(0.5, 100, 10, False, train_s=5.0)],
+    },
+    {"round": 3, "plugin_ppl": 99.0, "bytes_down": 300, "bytes_up": 30, "elapsed_s": 130.0},
+]
+
+
+def test_spread_by_hand() -> None:
+    s = spread([1.0, 2.0, 6.0])
+    assert s["mean"] == pytest.approx(3.0)
+    assert s["std"] == pytest.approx(((4 + 1 + 9) / 2) ** 0.5)  # sample std: n - 1
+    assert (s["min"], s["max"], s["n"]) == (1.0, 6.0, 3)
+    assert spread([5.0])["std"] == 0.0
+
+
+def test_target_round_and_bytes_until_it() -> None:
+    assert reached_round(ROWS, 105.0) == 2
+    assert reached_round(ROWS, 120.0) == 0  # the base model already there
+    assert reached_round(ROWS, 50.0) is None
+    assert bytes_until(ROWS, 2) == 1000 + 20 + 200 + 20
+    assert bytes_until(ROWS, 0) == 0.0
+    assert bytes_until(ROWS, None) is None
+
+
+def test_steps_count_valid_devices_and_the_server() -> None:
+    # Round 1: two valid devices (the rejected one trained nothing that counts), round 2 one,
+    # round 3 none; the server trains every round.
+    assert device_steps(ROWS, 4, server_train=True) == 4 * (3 + 2 + 1)
+    assert device_steps(ROWS, 4, server_train=False) == 4 * (2 + 1)
+
+
+def test_bytes_per_device_split_by_whether_the_emulator_travelled() -> None:
+    out = per_device_bytes([{"rows": ROWS}])
+    assert out["0.5"] == {"first_down": 900, "first_up": 10, "later_down": 100, "later_up": 10}
+    assert out["0.75"] == {"later_down": 100, "later_up": 10}
+    assert "0.25" not in out  # rejected: not a device's round
+
+
+def test_round_overhead_by_hand() -> None:
+    r1 = round_overhead(ROWS, workers=2)[0]
+    assert r1["wall_s"] == pytest.approx(60.0)
+    assert r1["local_train_s"] == pytest.approx((6 + 4) / 2)
+    assert r1["client_handlers_s"] == pytest.approx((9 + 5 + 2) / 2)
+    assert r1["exchange_s"] == pytest.approx(16.0)
+    assert r1["transport_s"] == pytest.approx(16.0 - 8.0)
+    assert r1["server_other_s"] == pytest.approx(3 + 5 + 1)
+    assert r1["rest_s"] == pytest.approx(60 - 16 - 9 - 2 - 8)
+    assert len(round_overhead(ROWS, 1)) == 3
+
+
+def test_run_plan_covers_every_system_on_the_same_seeds() -> None:
+    specs = plan_runs([7, 8], base="model=tiny_llama")
+    systems = {(s.system, s.seed) for s in specs}
+    for system in ("ppo", "greedy", "random", "fixed", "fed_ft"):
+        assert {(system, 7), (system, 8)} <= systems
+    assert [s.name for s in specs if s.ray] == ["fixed-7"]
+    assert all(s.overrides.startswith("model=tiny_llama") for s in specs)
+    assert all("rounds=1" in s.overrides for s in specs if s.system == "fed_ft")
+
+
+def test_markdown_table() -> None:
+    assert table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
