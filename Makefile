@@ -22,6 +22,10 @@ DEVICES ?= 6
 OVERRIDES ?=
 ARGS ?=
 SWEEP ?= controller=fixed,random,greedy,ppo
+# Overrides reach the tools through the environment ("$$OVERRIDES"), never pasted into the
+# recipe's shell line: a value with spaces and quotes arrives exactly as typed, e.g.
+#   make run OVERRIDES="\"data.prompt_template='Q: {prompt} A: '\""
+export OVERRIDES SWEEP
 
 .PHONY: run test lint bench deps clean-runs sweep pretrain deploy certs
 
@@ -41,33 +45,33 @@ $(BIN)/.test-deps: $(BIN)/.deps
 deps: $(BIN)/.deps
 
 run: $(BIN)/.deps
-	$(BIN)/python -m fedpeat.launch --devices $(DEVICES) --overrides "$(OVERRIDES)" $(ARGS)
+	$(BIN)/python -m fedpeat.cli.launch --devices $(DEVICES) --overrides "$$OVERRIDES" $(ARGS)
 
 # The same app as a real deployment on loopback: a SuperLink and NODES SuperNodes, e.g.
 #   make deploy NODES=2 OVERRIDES="experiment=tiny" ARGS="--secure --node-config memory-mb=900"
 NODES ?= 2
 deploy: $(BIN)/.deps
-	$(BIN)/python -m fedpeat.deploy --nodes $(NODES) --overrides "$(OVERRIDES)" $(ARGS)
+	$(BIN)/python -m fedpeat.cli.deploy --nodes $(NODES) --overrides "$$OVERRIDES" $(ARGS)
 
 # TLS certificates and SuperNode keys for a real deployment (see the README's Deployment).
 HOST ?= 127.0.0.1
 certs: $(BIN)/.deps
-	$(BIN)/python -m fedpeat.certs --host $(HOST) --nodes $(NODES) --out keys
+	$(BIN)/python -m fedpeat.cli.certs --host $(HOST) --nodes $(NODES) --out keys
 
 # A Hydra sweep of runs ending in one comparison table and plot (runs/sweep-*/).
 sweep: $(BIN)/.deps
-	$(BIN)/python -m fedpeat.sweep --devices $(DEVICES) --overrides "$(SWEEP) $(OVERRIDES)"
+	$(BIN)/python -m fedpeat.cli.sweep --devices $(DEVICES) --overrides "$$SWEEP $$OVERRIDES"
 
 # Pre-train the PPO controller on the edge-system environment, then compare the controllers.
 pretrain: $(BIN)/.deps
-	$(BIN)/python -m strategies.control pretrain --overrides "$(OVERRIDES)"
-	$(BIN)/python -m strategies.control compare --overrides "$(OVERRIDES)"
+	$(BIN)/python -m strategies.control pretrain --overrides "$$OVERRIDES"
+	$(BIN)/python -m strategies.control compare --overrides "$$OVERRIDES"
 
 test: $(BIN)/.test-deps
 	$(BIN)/python -m pytest $(ARGS)
 
 lint: $(BIN)/.test-deps
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy && $(BIN)/lint-imports
 
 bench: $(BIN)/.deps
 	$(BIN)/python -m bench $(ARGS)

@@ -24,7 +24,7 @@ def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
     federated += ["--reuse"] if reuse else []
     return {
         "model_load": [[*py, "bench.model_load"]],
-        "retention": [[*py, "fedpeat.retention", "--out", str(RESULTS)]],
+        "retention": [[*py, "fedpeat.cli.retention", "--out", str(RESULTS)]],
         "memory": [[*py, "bench.client_memory"]],
         "federated": [federated],
         "merged_forward": [[*py, "bench.merged_forward"]],

@@ -156,7 +156,7 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
     from fedpeat.cost import activation_bytes, logits_bytes
     from fedpeat.emulator import save_package
     from fedpeat.quantization import fast_bf16
-    from fedpeat.task import ServerModel
+    from fedpeat.server_model import ServerModel
     from strategies.planning import compute_bits
 
     cfg = compose(overrides)

@@ -36,7 +36,7 @@ def main() -> None:
     from fedpeat.config import compose
     from fedpeat.lora import set_adapter_state
     from fedpeat.model import load_model
-    from fedpeat.task import ServerModel
+    from fedpeat.server_model import ServerModel
 
     cfg = compose(args.overrides)
     server = ServerModel(cfg)

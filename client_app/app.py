@@ -16,22 +16,24 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
-from fedpeat.emulator import Package
-from fedpeat.protocol import (
-    ADAPTER_KEY,
-    EMULATOR_KEY,
-    METRICS_KEY,
-    PLAN_KEY,
-    PROFILE_KEY,
-    RESIDUAL_KEY,
-)
-from fedpeat.task import (
-    Plan,
+from fedpeat.device import (
     check_budget,
     device_evaluate,
     device_profile,
     device_train,
     receive_emulator,
+)
+from fedpeat.protocol import (
+    ADAPTER_KEY,
+    EMULATOR_KEY,
+    METRICS_KEY,
+    NUM_PARTITIONS,
+    PARTITION_ID,
+    PLAN_FIELD,
+    PLAN_KEY,
+    PROFILE_KEY,
+    RESIDUAL_KEY,
+    Plan,
 )
 
 app = ClientApp()
@@ -39,12 +41,12 @@ app = ClientApp()
 
 def _partition(context: Context) -> tuple[int, int]:
     cfg = context.node_config
-    if "partition-id" not in cfg or "num-partitions" not in cfg:
+    if PARTITION_ID not in cfg or NUM_PARTITIONS not in cfg:
         raise ValueError(
             "node config needs partition-id and num-partitions "
             '(e.g. flower-supernode --node-config "partition-id=0 num-partitions=2")'
         )
-    return int(cfg["partition-id"]), int(cfg["num-partitions"])
+    return int(cfg[PARTITION_ID]), int(cfg[NUM_PARTITIONS])
 
 
 def _node_key(context: Context) -> str:
@@ -53,7 +55,7 @@ def _node_key(context: Context) -> str:
 
 
 def _inputs(msg: Message, context: Context) -> tuple[Plan, int, int, dict[str, np.ndarray]]:
-    plan = Plan.from_json(str(msg.content.config_records[PLAN_KEY]["plan"]))
+    plan = Plan.from_json(str(msg.content.config_records[PLAN_KEY][PLAN_FIELD]))
     partition_id, num_partitions = _partition(context)
     state = {k: v.numpy() for k, v in msg.content.array_records[ADAPTER_KEY].items()}
     return plan, partition_id, num_partitions, state
@@ -67,19 +69,8 @@ def _residual(msg: Message) -> dict[str, np.ndarray] | None:
 def _store_emulator(msg: Message, plan: Plan, context: Context) -> None:
     if EMULATOR_KEY not in msg.content.array_records:
         return
-    ref = plan.emulator
     tensors = {k: v.numpy() for k, v in msg.content.array_records[EMULATOR_KEY].items()}
-    pkg = Package(
-        ref.config_json,
-        ref.layers,
-        ref.keep_ratio,
-        ref.bottom,
-        ref.top,
-        ref.n_full_layers,
-        tensors,
-        ref.digest,
-    )
-    receive_emulator(pkg, _node_key(context))
+    receive_emulator(plan.emulator.package(tensors), _node_key(context))
 
 
 def clip_update(
@@ -100,7 +91,7 @@ def clip_update(
 def profile(msg: Message, context: Context) -> Message:
     partition_id, num_partitions = _partition(context)
     query = msg.content.config_records.get(PLAN_KEY)
-    plan = Plan.from_json(str(query["plan"])) if query and "plan" in query else None
+    plan = Plan.from_json(str(query[PLAN_FIELD])) if query and PLAN_FIELD in query else None
     prof = device_profile(
         _node_key(context), partition_id, num_partitions, context.node_config, plan
     )

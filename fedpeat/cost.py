@@ -23,12 +23,21 @@ Time of one round on a device (the planner's deadline; the controller's latency)
                 N0 = -174 dBm/Hz (|h|^2 = 1 without fading)
   transmission  (emulator bytes if sent + adapter bytes down) / rate + adapter bytes up / rate
   compute       tokens * 4 * N_emulator / FLOP/s   (LoRA: forward 2N, backward through frozen 2N)
+
+A round (`price_round`, shared by the controller's environment and the federated strategy): the
+max over the devices sent work of transmission + compute, the emulator swaps it causes, and its
+reward -(w_ppl * ppl / ppl_0 + w_latency * latency_s + w_swaps * swaps) - penalties.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from fedpeat.config import DeviceProfile
 
 MiB = 2**20
 
@@ -138,3 +147,135 @@ def transmission_s(bytes_down: float, bytes_up: float, rate_down: float, rate_up
 def compute_s(tokens: float, params: int, flops: float, full_finetune: bool = False) -> float:
     """Seconds of local training: tokens * (4N for LoRA, 6N for full fine-tuning) / FLOP/s."""
     return tokens * (6 if full_finetune else 4) * params / flops
+
+
+# --------------------------------------------------------------------------- a round
+
+
+@dataclass(frozen=True)
+class Level:
+    """An emulator the server can hand out."""
+
+    keep: float
+    fidelity: float
+    """ppl_full / ppl_emulator: how much of a step on it carries over to the full model."""
+    bytes: float
+    params: int
+    need_mb: float
+
+
+@dataclass(frozen=True)
+class Weights:
+    """Reward weights and penalties (conf/controller/common.yaml)."""
+
+    ppl: float
+    latency: float
+    swaps: float
+    memory_penalty: float
+    swap_penalty: float
+    swap_share: float
+
+
+def channel_gain_db(distance_m: float, fading: float) -> float:
+    """Large-scale path loss plus Rayleigh fading |h|^2, as a gain in dB (negative)."""
+    return -path_loss_db(distance_m) + 10.0 * math.log10(max(fading, 1e-12))
+
+
+def gains_db(profiles: Sequence[DeviceProfile], fading: np.ndarray) -> np.ndarray:
+    """(N,) channel gain of every device for this round's fading draws."""
+    return np.array(
+        [channel_gain_db(p.distance_m, f) for p, f in zip(profiles, fading, strict=True)]
+    )
+
+
+def device_latency_s(
+    profile: DeviceProfile,
+    fading: float,
+    level: Level,
+    send_emulator: bool,
+    adapter_bytes: float,
+    tokens: float,
+    full_finetune: bool = False,
+) -> float:
+    """One device's round: receive (emulator if it lacks it) + adapter, train, send the adapter.
+    Uplink and downlink use the same link figures. `full_finetune`: 6N compute (fed_ft)."""
+    rate = rate_bps(profile.bandwidth_mhz * 1e6, profile.power_dbm, profile.distance_m, fading)
+    down = adapter_bytes + (level.bytes if send_emulator else 0.0)
+    return transmission_s(down, adapter_bytes, rate, rate) + compute_s(
+        tokens, level.params, profile.gflops * 1e9, full_finetune
+    )
+
+
+def reward(
+    ppl: float,
+    ppl0: float,
+    latency_s: float,
+    swaps: int,
+    memory_violations: int,
+    swap_violations: int,
+    w: Weights,
+) -> float:
+    """The round's reward (module docstring)."""
+    return -(w.ppl * ppl / ppl0 + w.latency * latency_s + w.swaps * swaps) - (
+        w.memory_penalty * memory_violations + w.swap_penalty * swap_violations
+    )
+
+
+@dataclass
+class RoundOutcome:
+    """What one round cost, per the model; shared by the environment and the strategy."""
+
+    latency_s: float = 0.0
+    swaps: int = 0
+    exchanges: int = 0
+    memory_violations: int = 0
+    swap_violations: int = 0
+    trained: list[int] = field(default_factory=list)
+    """Indices of devices that trained (took part and fit)."""
+    device_latency_s: dict[int, float] = field(default_factory=dict)
+
+
+def price_round(
+    action: Sequence[int],
+    profiles: Sequence[DeviceProfile],
+    levels: Sequence[Level],
+    fading: np.ndarray,
+    holding: list[int],
+    swap_counts: list[int],
+    round_index: int,
+    w: Weights,
+    adapter_bytes: float,
+    tokens: float,
+    check_memory: bool = True,
+    full_finetune: bool = False,
+) -> RoundOutcome:
+    """Apply `action` (0 skip, k level k-1) to the holdings and swap counts (updated in place)
+    and price the round. A device given a level that does not fit its memory does not train and
+    receives nothing (the server would not send it). `holding[i]` is 0 (none) or level + 1.
+    A swap replaces a held emulator; a first download is an exchange but no swap.
+    `check_memory=False`: the caller has already kept devices that do not fit out of `action`
+    (the strategy, whose planner may fit a level by quantizing)."""
+    out = RoundOutcome()
+    for i, a in enumerate(action):
+        if a == 0:
+            continue
+        level = levels[a - 1]
+        if check_memory and level.need_mb > profiles[i].memory_mb:
+            out.memory_violations += 1
+            continue
+        send = holding[i] != a
+        if send:
+            out.exchanges += 1
+            if holding[i] != 0:
+                out.swaps += 1
+                swap_counts[i] += 1
+                if swap_counts[i] > w.swap_share * (round_index + 1):
+                    out.swap_violations += 1
+            holding[i] = a
+        t = device_latency_s(
+            profiles[i], float(fading[i]), level, send, adapter_bytes, tokens, full_finetune
+        )
+        out.device_latency_s[i] = t
+        out.trained.append(i)
+    out.latency_s = max(out.device_latency_s.values(), default=0.0)
+    return out

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedpeat.config import DataConfig, PartitionConfig, to_dict
+from fedpeat.config import DataConfig, PartitionConfig
 
 Sample = dict[str, str]
 
@@ -184,7 +184,7 @@ def hf_samples(cfg: DataConfig) -> list[Sample]:
 
 def load_samples(cfg: DataConfig) -> list[Sample]:
     """All samples of the configured corpus (after `max_samples`), cached per process."""
-    key = json.dumps(to_dict(cfg), sort_keys=True)
+    key = json.dumps(asdict(cfg), sort_keys=True)
     if key not in _CORPORA:
         if cfg.source == "shakespeare":
             samples = shakespeare_samples(cfg)
@@ -389,24 +389,3 @@ def encode(samples: Sequence[Sample], tokenizer: Any, max_length: int) -> list[E
             continue
         out.append(Encoded(ids, labels))
     return out
-
-
-def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
-    """Right-pad a batch; padded positions get attention 0 and label -100."""
-    import torch
-
-    width = max(len(e.input_ids) for e in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(batch), width), -100, dtype=torch.long)
-    mask = torch.zeros((len(batch), width), dtype=torch.long)
-    for row, e in enumerate(batch):
-        n = len(e.input_ids)
-        ids[row, :n] = torch.tensor(e.input_ids)
-        labels[row, :n] = torch.tensor(e.labels)
-        mask[row, :n] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
-def batches(data: Sequence[Encoded], batch_size: int) -> Iterator[Sequence[Encoded]]:
-    for start in range(0, len(data), batch_size):
-        yield data[start : start + batch_size]

@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from fedpeat.config import DistillConfig
-from fedpeat.data import Encoded, collate
+from fedpeat.data import Encoded
 from fedpeat.emulator import Emulator, layer_prefix
+from fedpeat.train import collate
 
 log = logging.getLogger(__name__)
 

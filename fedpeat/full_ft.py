@@ -8,12 +8,13 @@ ones: the full model down and up, every device, every round.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from fedpeat.config import ModelConfig, to_dict
+from fedpeat.config import ModelConfig
 from fedpeat.model import load_model
 
 _FULL: dict[str, PreTrainedModel] = {}
@@ -22,7 +23,7 @@ _FULL: dict[str, PreTrainedModel] = {}
 def trainable_full_model(cfg: ModelConfig, device: torch.device | str) -> PreTrainedModel:
     """A trainable copy of the full model, cached per process (its weights are overwritten with
     `set_full_state` before every use, so a cached copy never leaks one device's update)."""
-    key = json.dumps([to_dict(cfg), str(device)], sort_keys=True)
+    key = json.dumps([asdict(cfg), str(device)], sort_keys=True)
     if key not in _FULL:
         model = load_model(cfg, device, cached=False)
         for param in model.parameters():

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from fedpeat.data import Encoded, batches, collate
+from fedpeat.data import Encoded
+from fedpeat.train import batches, collate
 
 _NAME = re.compile(r"(?:^|\.)(layers\.(\d+)\..*)$")
 

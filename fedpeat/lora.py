@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -16,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedpeat.config import AdapterConfig, ModelConfig, to_dict
+from fedpeat.config import AdapterConfig, ModelConfig
 from fedpeat.model import load_model
 from fedpeat.quantization import quantize_frozen
 
@@ -91,7 +92,7 @@ def lora_model(
     weights are always overwritten with `set_adapter_state` before use.
     """
     key = json.dumps(
-        [to_dict(model_cfg), to_dict(adapter_cfg), str(device), layers, bits, str(dtype)],
+        [asdict(model_cfg), asdict(adapter_cfg), str(device), layers, bits, str(dtype)],
         sort_keys=True,
     )
     if key not in _LORA_MODELS:

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from fedpeat.config import ModelConfig, to_dict
+from fedpeat.config import ModelConfig
 from fedpeat.cost import ModelShape
 
 log = logging.getLogger(__name__)
@@ -50,15 +51,6 @@ def cache_dir() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fedpeat"
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when present, else CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is visible")
-    return torch.device(name)
 
 
 def find_package_file(package: str, filename: str) -> Path:
@@ -146,12 +138,12 @@ def model_location(cfg: ModelConfig) -> str:
     if cfg.source == "hf":
         return _hf_location(cfg)
     if cfg.source == "tiny":
-        return f"tiny:{json.dumps(to_dict(cfg.tiny), sort_keys=True)}"
+        return f"tiny:{json.dumps(asdict(cfg.tiny), sort_keys=True)}"
     raise ValueError(f"model.source={cfg.source!r}")
 
 
 def _key(cfg: ModelConfig) -> str:
-    return json.dumps(to_dict(cfg), sort_keys=True)
+    return json.dumps(asdict(cfg), sort_keys=True)
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:

@@ -78,7 +78,8 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]:
-    """ppl.png (plug-in and, if present, device perplexity) and bytes.png (MB down/up per round)."""
+    """ppl.png (plug-in and, if present, device perplexity, on a log scale) and bytes.png (MB
+    down/up per round)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,9 +99,12 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]
         ax.plot(*zip(*dev, strict=True), "s--", label="emulator (devices' held-out)")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("perplexity")
+    # Log scale: emulator perplexities run to thousands, and on a linear axis they flatten the
+    # plug-in curve the run is about.
+    ax.set_yscale("log")
+    ax.set_ylabel("perplexity (log scale)")
     ax.set_title("Perplexity per round (round 0 = base model)")
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     written.append(out_dir / "ppl.png")

@@ -1,20 +1,50 @@
-"""Local training of the adapter and perplexity evaluation (no Flower here)."""
+"""Local training of the adapter and perplexity evaluation: where it runs, its batches, the
+loop and the figures it reports (no Flower here)."""
 
 from __future__ import annotations
 
 import math
 import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from fedpeat.config import TrainConfig
-from fedpeat.data import Encoded, batches, collate
+from fedpeat.data import Encoded
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is visible")
+    return torch.device(name)
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, Any]:
+    """Right-pad a batch; padded positions get attention 0 and label -100."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def batches(data: Sequence[Encoded], batch_size: int) -> Iterator[Sequence[Encoded]]:
+    for start in range(0, len(data), batch_size):
+        yield data[start : start + batch_size]
 
 
 @dataclass

@@ -16,10 +16,11 @@ from fedpeat.config import Config, compose, resolve_paths, to_yaml
 from fedpeat.data import load_samples
 from fedpeat.model import describe, model_location
 from fedpeat.outputs import new_run_dir, plot_metrics, time_to_target, write_json_atomic
-from fedpeat.task import ServerModel
-from server_app.checkpoint import Checkpoint, open_resume, restore_rngs, save_checkpoint
+from fedpeat.server_model import ServerModel
+from server_app.checkpoint import Checkpoint, open_resume, restore_rngs
 from server_app.recorder import RoundRecorder
-from strategies.fedpeat_strategy import FedPEAT, to_record
+from strategies.fedpeat_strategy import FedPEAT
+from strategies.round_stats import to_record
 
 app = ServerApp()
 
@@ -93,18 +94,7 @@ def _run(
             server.importance["choice"],
         )
     strategy = FedPEAT(cfg, server, checkpoint)
-
-    def checkpoint_round(server_round: int) -> None:
-        save_checkpoint(
-            run_dir,
-            server_round,
-            recorder.state,
-            recorder.metrics.rows,
-            strategy.resume_state(),
-            cfg,
-        )
-
-    recorder = RoundRecorder(run_dir, cfg.rounds, strategy, server, checkpoint_round)
+    recorder = RoundRecorder(run_dir, cfg, strategy, server)
     initial, first_round = server.initial_state, 1
     if resume is not None:
         strategy.restore(resume.strategy)

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedpeat.config import Config, ConfigError, to_dict
+from fedpeat.config import Config, ConfigError
 from fedpeat.outputs import write_json_atomic
 
 CHECKPOINT = "checkpoint.pt"
@@ -48,7 +48,7 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _comparable(cfg: Config) -> dict[str, Any]:
     """Every config field by its dotted name, but those a continuation may change."""
-    return {k: v for k, v in _flat(to_dict(cfg)).items() if k not in _RESUMABLE}
+    return {k: v for k, v in _flat(asdict(cfg)).items() if k not in _RESUMABLE}
 
 
 def save_checkpoint(

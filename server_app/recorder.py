@@ -1,9 +1,9 @@
-"""Per-round server evaluation, metrics rows, plots and the progress line."""
+"""The end of every round, in one place: the plug-in evaluation, the strategy's round end
+(controller feedback, stats), the metrics row, the checkpoint, the plots and the progress line."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from logging import INFO
 from pathlib import Path
 
@@ -11,9 +11,12 @@ import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
 from flwr.common.logger import log
 
+from fedpeat.config import Config
 from fedpeat.outputs import MetricsLog, plot_metrics
-from fedpeat.task import ServerModel
-from strategies.fedpeat_strategy import FedPEAT, RoundStats, from_record
+from fedpeat.server_model import ServerModel
+from server_app.checkpoint import save_checkpoint
+from strategies.fedpeat_strategy import FedPEAT
+from strategies.round_stats import RoundStats, from_record
 
 
 class RoundRecorder:
@@ -23,18 +26,10 @@ class RoundRecorder:
     after every round, last in the round, so the strategy's stats for the round are complete.
     """
 
-    def __init__(
-        self,
-        run_dir: Path,
-        rounds: int,
-        strategy: FedPEAT,
-        server: ServerModel,
-        on_round: Callable[[int], None] | None = None,
-    ) -> None:
-        """`on_round(server_round)` runs after the round's row is written (the checkpoint)."""
+    def __init__(self, run_dir: Path, cfg: Config, strategy: FedPEAT, server: ServerModel) -> None:
         self.run_dir = run_dir
-        self.on_round = on_round
-        self.rounds = rounds
+        self.cfg = cfg
+        self.rounds = cfg.rounds
         self.strategy = strategy
         self.server = server
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -44,8 +39,7 @@ class RoundRecorder:
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.state = from_record(arrays)
         result = self.server.evaluate(self.state)
-        self.strategy.after_round(server_round, result.ppl)
-        stats = self.strategy.stats.get(server_round, RoundStats())
+        stats = self.strategy.end_round(server_round, result.ppl)
         elapsed = time.perf_counter() - self.start
         row = {
             "round": server_round,
@@ -56,8 +50,14 @@ class RoundRecorder:
             "elapsed_s": elapsed,
         }
         self.metrics.append(row)
-        if self.on_round is not None:
-            self.on_round(server_round)
+        save_checkpoint(
+            self.run_dir,
+            server_round,
+            self.state,
+            self.metrics.rows,
+            self.strategy.resume_state(),
+            self.cfg,
+        )
         plot_metrics(self.metrics.rows, self.run_dir)
         self._progress(server_round, result.ppl, stats, elapsed)
         return MetricRecord({"plugin_ppl": result.ppl})

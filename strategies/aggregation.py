@@ -320,3 +320,31 @@ def norm_outliers(
         for key, norm in norms.items()
         if norm > bound * reference
     }
+
+
+def merge_updates(
+    rule: str,
+    states: Sequence[State],
+    weights: Sequence[float],
+    rank: int,
+    planned: bool = False,
+    fill: State | None = None,
+    received: Sequence[State | None] | None = None,
+    base: State | None = None,
+) -> tuple[dict[str, np.ndarray], float | None]:
+    """The new global adapter by `strategy.aggregation` (`rule`), and for `exact` the largest
+    truncation error ||dW - B A||_F over modules (None otherwise).
+
+    `exact`: `exact_aggregate` (unused directions keep `fill`'s random A, never axis-aligned
+    rows; averaging the updates from what each device `received`, not the products, keeps what
+    truncated devices never saw). `fedavg`: the plain weighted average, or with `planned`
+    devices (ranks and module sets differ) `partial_average` at the global `rank`.
+    """
+    if rule == "exact":
+        merged, errors = exact_aggregate(
+            states, weights, rank=rank, fill=fill, received=received, base=base
+        )
+        return merged, max(errors.values(), default=0.0)
+    if planned:
+        return partial_average(states, weights, rank), None
+    return weighted_average(states, weights), None

@@ -1,16 +1,140 @@
-"""Per-device plans for one round under the FedPipe planner: the option menus the allocation
-program chooses from, built from the server's cost-model estimates and the device profiles."""
+"""Each round's plans: which emulator level each device gets (the memory rule of
+`emulator.case`, or the controller's choice), the FedPipe plan of rank, batch size, bits and
+modules under the planner, and the `Plan` a device receives, built by `build_plan` alone."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 from fedpeat.allocation import Allocation, Option, allocate, option_value
 from fedpeat.config import Config, DeviceProfile
-from fedpeat.cost import MiB, compute_s, rate_bps, transmission_s
-from fedpeat.task import NODE_LINK, ServerModel
+from fedpeat.cost import Level, MiB, compute_s, rate_bps, transmission_s
+from fedpeat.protocol import EmulatorRef, Plan
+from fedpeat.server_model import ServerModel
+
+# --------------------------------------------------------------------------- levels
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A device's level for this round, or why it is skipped."""
+
+    level: float | None
+    """Keep ratio of the emulator; None with a reason: skipped. Case 3 uses 1.0, no emulator."""
+    reason: str = ""
+
+
+def assign_levels(
+    case: int,
+    memory_mb: Mapping[int, float],
+    levels: list[float],
+    shared_level: float,
+    need_mb: Callable[[float], float],
+) -> dict[int, Assignment]:
+    """Case 1: the highest level whose estimated training memory fits the device's budget.
+    Case 2: the shared level for every device that fits it. Case 3: the full model for all.
+
+    `memory_mb` maps node id -> budget; `need_mb(level)` is the cost model's estimate.
+    """
+    out: dict[int, Assignment] = {}
+    for node, budget in memory_mb.items():
+        if case == 3:
+            out[node] = Assignment(1.0)
+            continue
+        candidates = sorted(levels, reverse=True) if case == 1 else [shared_level]
+        fitting = [lv for lv in candidates if need_mb(lv) <= budget]
+        if fitting:
+            out[node] = Assignment(fitting[0])
+        else:
+            smallest = min(candidates)
+            out[node] = Assignment(
+                None,
+                f"memory budget {budget:.0f} MB < {need_mb(smallest):.0f} MB needed "
+                f"by the smallest allowed emulator (keep {smallest})",
+            )
+    return out
+
+
+def server_levels(cfg: Config, server: ServerModel) -> list[Level]:
+    """The server's emulator levels as the controller prices them (real sizes and needs;
+    fidelity from the configured retention curve when it is this model's)."""
+    c, wire = cfg.controller, getattr(np, cfg.emulator.wire_dtype)
+    curve = {p.keep: p for p in c.curve} if c.curve_model == cfg.model.name else {}
+    keeps = list(cfg.emulator.levels)
+    if cfg.emulator.case == 3 and 1.0 not in keeps:  # devices train the full model
+        keeps.append(1.0)
+    out = []
+    for keep in keeps:
+        shape = server.emulator_shape(keep)
+        fidelity = min(1.0, c.ppl_full / curve[keep].ppl) if keep in curve else keep
+        out.append(
+            Level(
+                keep,
+                fidelity,
+                float(shape.params * np.dtype(wire).itemsize),
+                shape.params,
+                server.memory_need_mb(keep),
+            )
+        )
+    return out
+
+
+def need_mb(cfg: Config, server: ServerModel, level: float, profile: DeviceProfile) -> float:
+    """What training at `level` needs on this device: under the planner its cheapest plan."""
+    if cfg.planner.enabled:
+        return smallest_need_mb(server, level, profile)
+    return server.memory_need_mb(level)
+
+
+def choose_levels(
+    cfg: Config,
+    server: ServerModel,
+    profiles: Mapping[int, DeviceProfile],
+    sampled: list[int],
+    options: Mapping[int, int] | None,
+) -> tuple[dict[int, Assignment], int]:
+    """Each device's level this round, and how many choices were violations.
+
+    Without a controller (`options` None) the sampled devices get the level `emulator.case`
+    gives them. With one, `options` (node -> 0 skip, k: level k-1) are kept where the device
+    can hold the level; a level it cannot hold is not sent (a violation, as in the environment).
+    """
+    e = cfg.emulator
+    if options is None:
+        out: dict[int, Assignment] = {}
+        for n in sampled:
+            prof = profiles[n]
+            out |= assign_levels(
+                e.case,
+                {n: prof.memory_mb},
+                list(e.levels),
+                e.shared_level,
+                lambda lv, p=prof: need_mb(cfg, server, lv, p),  # type: ignore[misc]
+            )
+        return out, 0
+    chosen, violations = {}, 0
+    for node, option in options.items():
+        if option == 0:
+            chosen[node] = Assignment(None, f"{cfg.controller.name}: not chosen this round")
+            continue
+        level = e.levels[option - 1]
+        need = need_mb(cfg, server, level, profiles[node])
+        if need <= profiles[node].memory_mb:
+            chosen[node] = Assignment(level)
+        else:
+            violations += 1
+            chosen[node] = Assignment(
+                None,
+                f"{cfg.controller.name} chose keep {level}, which needs {need:.0f} MB "
+                f"> budget {profiles[node].memory_mb:.0f} MB: not sent",
+            )
+    return chosen, violations
+
+
+# --------------------------------------------------------------------------- FedPipe plans
 
 
 @dataclass
@@ -156,38 +280,82 @@ def plan_devices(
     return out
 
 
-def profile_of(
-    prof: Mapping[str, Any], sim: DeviceProfile, from_nodes: bool = False
-) -> tuple[DeviceProfile, list[str]]:
-    """The profile the planner and controller use for a node, and the fields taken from the
-    `devices=` profile `sim` because the node did not report them (recorded as assumed).
-
-    Memory: a budget the node's config sets (memory-mb) wins, capped by what it detects when
-    `from_nodes` (deployment). Without one, a deployed node's detected memory is its budget; a
-    simulated node's detection is the shared host's, so the devices= profile gives it instead.
-    Link and compute figures: the node's, else the devices= profile's.
-    """
-    assumed: list[str] = []
-    cap = float(prof.get("memory-mb", -1.0))
-    detected = float(prof.get("detected-memory-mb", -1.0))
-    if cap > 0:
-        memory = min(cap, detected) if from_nodes and detected > 0 else cap
-    elif from_nodes and detected > 0:
-        memory = detected
-    else:
-        memory = sim.memory_mb
-        assumed.append("memory_mb")
-    figures: dict[str, float] = {}
-    for key, name in NODE_LINK.items():
-        if key in prof:
-            figures[name] = float(prof[key])
-        else:
-            figures[name] = float(getattr(sim, name))
-            assumed.append(name)
-    profile = DeviceProfile(
-        name=str(prof.get("profile", sim.name)),
-        memory_mb=memory,
-        bf16=bool(prof.get("bf16", sim.bf16)),
-        **figures,
+def plan_round(
+    cfg: Config,
+    server: ServerModel,
+    profiles: Mapping[int, DeviceProfile],
+    sampled: list[int],
+    options: Mapping[int, int] | None,
+    data_size: Callable[[int], int],
+    emulator_bytes: Callable[[int, float], float],
+) -> tuple[dict[int, Assignment], dict[int, DevicePlan | str], int]:
+    """The round's levels (`choose_levels`) and, under the planner, each device's FedPipe plan
+    (or why it has none); and the count of violations. `data_size(node)` and
+    `emulator_bytes(node, level)` (what must still be sent) feed the program."""
+    assignments, violations = choose_levels(cfg, server, profiles, sampled, options)
+    if not cfg.planner.enabled:
+        return assignments, {}, violations
+    levels = {n: a.level for n, a in assignments.items() if a.level is not None}
+    case3 = cfg.emulator.case == 3
+    plans = plan_devices(
+        cfg,
+        server,
+        levels,
+        {n: profiles[n] for n in levels},
+        {n: data_size(n) for n in levels},
+        {n: 0.0 if case3 else float(emulator_bytes(n, lv)) for n, lv in levels.items()},
     )
-    return profile, assumed
+    return assignments, plans, violations
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+def build_plan(
+    cfg: Config,
+    server: ServerModel,
+    server_round: int,
+    level: float | None = None,
+    emulator: EmulatorRef | None = None,
+    device_plan: DevicePlan | None = None,
+    profile: DeviceProfile | None = None,
+    clipping_norm: float = 0.0,
+) -> Plan:
+    """The plan a device receives: the one place a `Plan` is built.
+
+    `level` None: the profile query's plan (only its data config matters to the device).
+    Otherwise the device trains at `level` on `emulator` (None: the full model, case 3), with
+    `device_plan`'s rank, batch, bits and modules under the planner. The memory it checks before
+    training is the plan's estimated need and, for a simulated device (its `profile` is all it
+    has), the profile's budget; case 3 without a planner and fed_ft are the full-model
+    baselines, which assume the device holds the model.
+    """
+    if level is None:
+        return Plan(cfg.model, cfg.data, cfg.partition, cfg.adapter, cfg.train, seed=cfg.seed)
+    adapter, train, bits, compute_dtype = cfg.adapter, cfg.train, 0, ""
+    if device_plan is not None:
+        adapter = server.device_adapter(device_plan.rank, device_plan.share)
+        train = replace(cfg.train, batch_size=device_plan.batch)
+        bits, compute_dtype = device_plan.bits, device_plan.compute_dtype
+    need, budget = 0.0, 0.0
+    if not (server.full_ft or (cfg.emulator.case == 3 and device_plan is None)):
+        need = device_plan.memory_mb if device_plan else server.memory_need_mb(level)
+        if not cfg.devices.from_nodes and profile is not None:
+            budget = profile.memory_mb
+    return Plan(
+        cfg.model,
+        cfg.data,
+        cfg.partition,
+        adapter,
+        train,
+        emulator or EmulatorRef(),
+        adapter_layers=server.adapter_layers,
+        seed=cfg.seed,
+        server_round=server_round,
+        bits=bits,
+        compute_dtype=compute_dtype,
+        full_finetune=server.full_ft,
+        need_mb=need,
+        budget_mb=budget,
+        clipping_norm=clipping_norm,
+    )

@@ -180,3 +180,32 @@ class PrivateMean:
 def _moved(msg: Message, base: dict[str, np.ndarray]) -> bool:
     record = msg.content.array_records[ADAPTER_KEY]
     return any(np.any(record[k].numpy() != base[k].astype(np.float32)) for k in base)
+
+
+def private_merge(
+    private: PrivateMean,
+    server_round: int,
+    replies: Sequence[tuple[Message, dict[str, np.ndarray]]],
+    sent: int,
+    population: int,
+    server_update: dict[str, np.ndarray] | None,
+) -> tuple[dict[str, np.ndarray] | None, dict[str, Any] | None]:
+    """The new global adapter under DP, and the round's privacy row: the clipped updates of the
+    `sent` devices summed and noised (`PrivateMean.aggregate`), then the server's own update
+    joins as one more share (post-processing: still private). No device sent work: nothing
+    private to release, the server's update alone (None: keep the adapter)."""
+    if sent == 0:
+        return server_update, None
+    keys = list(private.mean.base)
+    for msg, state in replies:  # Flower clips tensor lists: use the global order
+        msg.content[ADAPTER_KEY] = ArrayRecord(
+            {k: Array(np.ascontiguousarray(state[k])) for k in keys}
+        )
+    record, row = private.aggregate(server_round, [m for m, _ in replies], sent, population)
+    device_mean = {k: v.numpy() for k, v in record.items()}
+    if server_update is None:
+        return device_mean, row
+    return {
+        key: ((sent * device_mean[key] + server_update[key]) / (sent + 1)).astype(np.float32)
+        for key in keys
+    }, row

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny random Llama with SmolLM2's tokenizer, and config helpers."""
+"""Shared fixtures: a tiny random Llama with SmolLM2's tokenizer, a few encoded samples, LoRA on
+the tiny model, and config helpers."""
 
 from __future__ import annotations
 
@@ -28,6 +29,31 @@ def tokenizer(tiny_cfg):
     from fedpeat.model import load_tokenizer
 
     return load_tokenizer(tiny_cfg.model)
+
+
+@pytest.fixture()
+def data(tokenizer):
+    from fedpeat.data import encode
+
+    texts = ["ROMEO:\nBut soft, what light through yonder window breaks?"] * 4
+    return encode([{"prompt": "", "response": t} for t in texts], tokenizer, 32)
+
+
+@pytest.fixture()
+def lora(tiny_cfg):
+    from fedpeat.lora import attach_lora
+    from fedpeat.model import load_model
+
+    base = load_model(tiny_cfg.model, cached=False)
+    return attach_lora(base, tiny_cfg.adapter, seed=0)
+
+
+@pytest.fixture(scope="module")
+def full(tiny_cfg):
+    """The tiny model, shared by a module's tests (which must not change it)."""
+    from fedpeat.model import load_model
+
+    return load_model(tiny_cfg.model, cached=False)
 
 
 @pytest.fixture()

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from strategies.aggregation import weighted_average, weighted_mean
+from strategies.aggregation import (
+    device_share,
+    pad_rank,
+    partial_average,
+    weighted_average,
+    weighted_mean,
+)
 
 
 def test_weighted_average_by_hand() -> None:
@@ -241,3 +247,47 @@ def test_update_norm_and_outliers_by_hand() -> None:
     assert norm_outliers({1: 1.0, 2: 10.0}, 10.0) == {}
     assert norm_outliers({1: 1.0, 2: 1e9}, 0.0) == {}
     assert norm_outliers({1: 0.0, 2: 0.0, 3: 5.0}, 10.0) == {}
+
+
+# ------------------------------------------------------------------ heterogeneous ranks
+
+M, N = "base.layers.0.q", "base.layers.1.q"
+
+
+def _key(module: str, part: str) -> str:
+    return f"{module}.lora_{part}.weight"
+
+
+def test_a_fedavg_share_is_a_slice_and_covers_only_the_device_modules() -> None:
+    a = np.arange(12, dtype=np.float32).reshape(4, 3)
+    b = np.arange(12, dtype=np.float32).reshape(3, 4)
+    state = {_key(M, "A"): a, _key(M, "B"): b, _key(N, "A"): a, _key(N, "B"): b}
+    share = device_share(state, ["layers.0.q"], 2, exact=False)
+    assert set(share) == {_key(M, "A"), _key(M, "B")}
+    np.testing.assert_array_equal(share[_key(M, "A")], a[:2])
+    np.testing.assert_array_equal(share[_key(M, "B")], b[:, :2])
+
+
+def test_an_exact_share_is_the_best_rank_r_approximation() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(4, 5)), rng.normal(size=(6, 4))
+    state = {_key(M, "A"): a.astype(np.float32), _key(M, "B"): b.astype(np.float32)}
+    share = device_share(state, ["layers.0.q"], 2, exact=True)
+    assert share[_key(M, "A")].shape == (2, 5) and share[_key(M, "B")].shape == (6, 2)
+    u, s, vt = np.linalg.svd(b @ a)
+    best = (u[:, :2] * s[:2]) @ vt[:2]
+    np.testing.assert_allclose(share[_key(M, "B")] @ share[_key(M, "A")], best, atol=1e-4)
+
+
+def test_partial_average_pads_ranks_and_does_not_dilute_untrained_modules() -> None:
+    s1 = {_key(M, "A"): np.array([[1.0, 1.0]]), _key(M, "B"): np.array([[2.0], [2.0]])}
+    a2, b2 = np.array([[4.0, 0.0], [0.0, 4.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])
+    n_a, n_b = np.array([[7.0, 7.0], [7.0, 7.0]]), np.ones((2, 2))
+    s2 = {_key(M, "A"): a2, _key(M, "B"): b2, _key(N, "A"): n_a, _key(N, "B"): n_b}
+    out = partial_average([s1, s2], [1.0, 3.0], rank=2)
+    # M: s1 padded to [[1, 1], [0, 0]] and [[2, 0], [2, 0]], weights 1/4 and 3/4
+    np.testing.assert_allclose(out[_key(M, "A")], [[3.25, 0.25], [0.0, 3.0]])
+    np.testing.assert_allclose(out[_key(M, "B")], [[1.25, 0.0], [0.5, 0.75]])
+    # N: only s2 trained it, so it is s2's, not 3/4 of it
+    np.testing.assert_allclose(out[_key(N, "A")], n_a)
+    assert pad_rank(s1, 3)[_key(M, "A")].shape == (3, 2)

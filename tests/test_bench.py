@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 
 from bench.common import table
-from bench.federated import (
+from bench.federated import plan_runs
+from bench.federated_report import (
     bytes_until,
     device_steps,
     per_device_bytes,
-    plan_runs,
     reached_round,
     round_overhead,
     spread,

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from fedpeat.config import CONF_DIR, Config, ConfigError, compose, from_dict, to_dict, validate
+from fedpeat.config import CONF_DIR, Config, ConfigError, compose, to_dict, validate
+from fedpeat.protocol import from_dict
 
 # Groups whose files need a value the user must supply (`???`).
 REQUIRED = {

@@ -11,7 +11,6 @@ import pytest
 from fedpeat.config import DataConfig, PartitionConfig, compose
 from fedpeat.data import (
     DataError,
-    collate,
     device_data,
     encode,
     jsonl_samples,
@@ -196,17 +195,6 @@ def test_encode_masks_the_prompt(tokenizer) -> None:
     assert e.input_ids[-1] == tokenizer.eos_token_id
     # A response truncated away entirely carries no loss: the sample is dropped.
     assert encode([{"prompt": "word " * 50, "response": "yes"}], tokenizer, 8) == []
-
-
-def test_collate_pads_right_with_ignored_labels(tokenizer) -> None:
-    data = encode(
-        [{"prompt": "", "response": "a b c d"}, {"prompt": "", "response": "a"}], tokenizer, 32
-    )
-    batch = collate(data, pad_id=0)
-    n0, n1 = len(data[0].input_ids), len(data[1].input_ids)
-    assert batch["input_ids"].shape == (2, n0)
-    assert batch["attention_mask"][1].tolist() == [1] * n1 + [0] * (n0 - n1)
-    assert batch["labels"][1, n1:].tolist() == [-100] * (n0 - n1)
 
 
 def test_hf_source_reads_a_saved_dataset_directory(tmp_path) -> None:

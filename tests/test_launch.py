@@ -1,53 +1,166 @@
-"""The launcher's Flower connection file: launches sharing a Flower home keep their own entry."""
+"""The launcher: end to end through `flwr run` (local Ray simulation) on the tiny model, and the
+outcome of a resumed run."""
 
 from __future__ import annotations
 
-import tomllib
+import json
+import subprocess
+from pathlib import Path
 
-from fedpeat.launch import connection_name, remove_connection, write_connection
+import pytest
 
-
-def test_each_launch_has_its_own_connection_and_removes_only_it(tmp_path) -> None:
-    write_connection(tmp_path, 5001)
-    write_connection(tmp_path, 5002)
-    conf = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
-    assert conf["default"] == connection_name(5002)
-    assert conf[connection_name(5001)] == {"address": "127.0.0.1:5001", "insecure": True}
-    assert conf[connection_name(5002)]["address"] == "127.0.0.1:5002"
-    remove_connection(tmp_path, 5002)
-    conf = tomllib.loads((tmp_path / "config.toml").read_text())["superlink"]
-    assert connection_name(5002) not in conf and conf["default"] == connection_name(5001)
-    assert conf[connection_name(5001)]["address"] == "127.0.0.1:5001"
+from fedpeat.cli.flower import marked_pids
+from fedpeat.cli.launch import launch
 
 
-def test_a_port_in_use_is_named(tmp_path, monkeypatch) -> None:
-    import os
-    import socket
+def _check_run(outcome, rounds: int) -> list[dict]:
+    assert outcome.ok, f"{outcome.status}: {outcome.run_dir}"
+    run_dir: Path = outcome.run_dir
+    assert (run_dir.parent / "latest").resolve() == run_dir.resolve()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(rounds + 1))
+    for key in ("round", "plugin_ppl", "train_loss", "num_clients", "bytes_up", "bytes_down"):
+        assert all(key in r for r in rows), key
+    assert rows[0]["num_clients"] == 0 and rows[0]["train_loss"] is None
+    assert all(r["num_clients"] > 0 and r["bytes_up"] > 0 and r["bytes_down"] > 0 for r in rows[1:])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("zero_shot_ppl", "final_plugin_ppl", "rounds", "wall_s"):
+        assert key in summary
+    assert summary["rounds"] == rounds
+    assert summary["zero_shot_ppl"] == rows[0]["plugin_ppl"]
+    assert summary["final_plugin_ppl"] == rows[-1]["plugin_ppl"]
+    for name in (
+        "config.yaml",
+        "ppl.png",
+        "bytes.png",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
+        assert (run_dir / name).is_file(), name
+    assert (run_dir / "ppl.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not (run_dir / "error.txt").exists()
+    return rows
 
-    import pytest
 
-    from fedpeat import launch
+@pytest.fixture(autouse=True)
+def device_disks(tmp_path, monkeypatch):
+    """Fresh emulator caches for the simulated devices (launched processes inherit it)."""
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices"))
 
-    taken = socket.socket()
-    taken.bind(("127.0.0.1", 0))
-    taken.listen(1)
-    port = taken.getsockname()[1]
-    monkeypatch.setattr(launch, "free_port", lambda: port)
-    env = {**os.environ, "FLWR_HOME": str(tmp_path)}
-    env["PATH"] = f"{launch._bin('flower-superlink').rsplit('/', 1)[0]}:{env['PATH']}"
-    link = launch.SuperLink(tmp_path, env)
-    try:
-        with pytest.raises(RuntimeError, match=f"127.0.0.1:{port}: address already in use"):
-            link.wait_ready(timeout=60)
-    finally:
-        link.stop()
-        taken.close()
+
+@pytest.mark.slow
+def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
+    outcome = launch(
+        devices=3, overrides="experiment=tiny", output_dir=tmp_path / "runs", stream=False
+    )
+    rows = _check_run(outcome, rounds=2)
+    assert all(r["num_clients"] == 3 for r in rows[1:])
+    # FedPEAT case 1: emulators went out in round 1 only, and devices evaluated on them.
+    assert (
+        rows[1]["exchanges"] == 3 and rows[2]["exchanges"] == 0 and rows[2]["emulator_bytes"] == 0
+    )
+    assert all(r["emulator_ppl"] is not None for r in rows[1:])
+    assert all(d["bytes_down"] > 0 and d["bytes_up"] > 0 for d in rows[1]["devices"])
+    # SuperLink, SuperExec, the simulation and Ray all carried the launch's marker: none is left.
+    assert marked_pids(outcome.marker) == []
+    # The tiny model is random, so training on Shakespeare lowers its perplexity quickly.
+    assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+    # The exported adapter is a standard PEFT adapter that plugs into the base model and
+    # reproduces the server's final plug-in perplexity.
+    from peft import PeftModel
+
+    from fedpeat.data import encode, server_data
+    from fedpeat.model import load_model, load_tokenizer
+    from fedpeat.train import evaluate_ppl, resolve_device
+
+    base = load_model(tiny_cfg.model, cached=False)
+    model = PeftModel.from_pretrained(base, str(outcome.run_dir / "adapter"))
+    tok = load_tokenizer(tiny_cfg.model)
+    held = encode(server_data(tiny_cfg.data), tok, tiny_cfg.data.max_length)
+    res = evaluate_ppl(
+        model, held, tiny_cfg.train.eval_batch_size, tok.pad_token_id, resolve_device("cpu")
+    )
+    assert res.ppl == pytest.approx(rows[-1]["plugin_ppl"], rel=1e-4)
+
+    from fedpeat.cli.generate import generate
+
+    text = generate(outcome.run_dir, "ROMEO:\n", max_new_tokens=8)
+    assert isinstance(text, str) and text
+
+
+@pytest.mark.slow
+def test_make_run_takes_the_readme_override_with_spaces(tmp_path) -> None:
+    """The README's `make run OVERRIDES="\\"data.prompt_template='Q: {prompt} A: '\\""`: make
+    receives OVERRIDES="data.prompt_template='Q: {prompt} A: '" and the value must reach Hydra
+    whole (pasted into the recipe's shell line, the quotes closed early: a lexer error)."""
+    project = Path(__file__).resolve().parent.parent
+    data = tmp_path / "qa.jsonl"
+    data.write_text(
+        "".join(
+            json.dumps({"q": f"What is {i} + {i}?", "a": str(2 * i)}) + "\n" for i in range(120)
+        )
+    )
+    readme_override = "\"data.prompt_template='Q: {prompt} A: '\""
+    overrides = (
+        f"{readme_override} experiment=tiny rounds=1 data=jsonl data.path={data} "
+        "data.prompt_field=q data.response_field=a"
+    )
+    runs = tmp_path / "runs"
+    out = subprocess.run(
+        [
+            "make",
+            "-s",
+            "run",
+            f"OVERRIDES={overrides}",
+            "DEVICES=2",
+            f"ARGS=--output-dir {runs} --no-stream",
+        ],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = [p for p in runs.iterdir() if p.is_dir() and not p.is_symlink()]
+    assert "prompt_template: 'Q: {prompt} A: '" in (run_dir / "config.yaml").read_text()
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_bad_input_fails_before_anything_starts(tmp_path) -> None:
+    from fedpeat.config import ConfigError
+    from fedpeat.data import DataError
+
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="train.lr"):
+        launch(devices=2, overrides="experiment=tiny train.lr=abc", output_dir=runs, stream=False)
+    with pytest.raises(DataError, match="no such file"):
+        launch(
+            devices=2, overrides="experiment=tiny data=jsonl data.path=nope.jsonl", output_dir=runs
+        )
+    with pytest.raises(DataError, match="fewer than the 50 devices"):
+        launch(devices=50, overrides="experiment=tiny", output_dir=runs, stream=False)
+    assert not runs.exists()
+
+
+@pytest.mark.slow
+def test_partitioning_by_a_missing_column_fails_before_anything_starts(
+    tmp_path, gsm8k_path
+) -> None:
+    from fedpeat.data import DataError
+
+    # GSM8K rows have no `play` column to partition by.
+    bad_partition = f"experiment=tiny data=jsonl data.path={gsm8k_path} partition=natural"
+    with pytest.raises(DataError, match="partition.by='play' is not a column"):
+        launch(devices=2, overrides=bad_partition, output_dir=tmp_path / "runs", stream=False)
 
 
 def test_a_resumed_run_is_found_in_the_directory_it_continues(tmp_path) -> None:
     import json
 
-    from fedpeat.launch import outcome_of, resumed_dir
+    from fedpeat.cli.launch import outcome_of, resumed_dir
 
     old = tmp_path / "runs" / "20260101-000000-tiny-111"
     old.mkdir(parents=True)

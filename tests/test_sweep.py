@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from fedpeat.outputs import time_to_target
-from fedpeat.sweep import comparison_rows, expand, markdown
+from fedpeat.cli.sweep import comparison_rows, expand, markdown
 
 
 def test_sweep_expands_every_combination_in_hydra_grammar() -> None:
@@ -14,18 +13,6 @@ def test_sweep_expands_every_combination_in_hydra_grammar() -> None:
         ["controller=ppo", "rounds=5", "seed=2"],
     ]
     assert expand("seed=range(1,3)") == [["seed=1"], ["seed=2"]]
-
-
-def test_time_to_target_sums_latencies_until_the_first_crossing() -> None:
-    rows = [
-        {"plugin_ppl": 115.0},
-        {"plugin_ppl": 110.0, "latency_s": 30.0},
-        {"plugin_ppl": 104.0, "latency_s": 20.0},
-        {"plugin_ppl": 100.0, "latency_s": 5.0},
-    ]
-    assert time_to_target(rows, 105.0) == 50.0
-    assert time_to_target(rows, 120.0) == 0.0
-    assert time_to_target(rows, 90.0) is None
 
 
 def test_comparison_table_has_a_row_per_run_and_says_never() -> None:

@@ -1,0 +1,112 @@
+"""The root of the composed configuration and the rules that join its sections."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from fedpeat.config.checks import ConfigError, check_range
+from fedpeat.config.control import ControllerConfig, PlannerConfig
+from fedpeat.config.sections import (
+    AdapterConfig,
+    DataConfig,
+    DevicesConfig,
+    EmulatorConfig,
+    ModelConfig,
+    PartitionConfig,
+    PrivacyConfig,
+    StrategyConfig,
+    TrainConfig,
+)
+
+
+@dataclass
+class Config:
+    """Root of the composed configuration (conf/config.yaml)."""
+
+    experiment: str = "default"
+    rounds: int = 3
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    emulator: EmulatorConfig = field(default_factory=EmulatorConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    export_merged: bool = True
+    """Also write `merged/`: the full model with the adapter merged in (plain transformers)."""
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    resume: str = ""
+    """A run directory whose checkpoint to continue from (its config must match but for
+    `rounds`); the run goes on in that directory."""
+
+    def check(self) -> None:
+        """Every section's own checks, then the rules that join sections."""
+        self.model.check()
+        self.data.check()
+        self.partition.check(self.data.source)
+        self.adapter.check()
+        self.train.check()
+        self.strategy.check()
+        self.privacy.check()
+        self.emulator.check()
+        self.devices.check()
+        self.planner.check()
+        self.controller.check(self.emulator.levels)
+        self._check_baseline()
+        self._check_privacy()
+        self._check_controller()
+        check_range("rounds", self.rounds, 1)
+
+    def _check_baseline(self) -> None:
+        s = self.strategy
+        if s.name == "fed_ft" and (
+            self.emulator.case != 3 or self.planner.enabled or s.aggregation != "fedavg"
+        ):
+            raise ConfigError(
+                "strategy.name=fed_ft (full fine-tuning of the full model on every device) needs "
+                "emulator=none (case 3), planner=none and strategy.aggregation=fedavg; "
+                "use experiment=fed_ft"
+            )
+
+    def _check_privacy(self) -> None:
+        if not self.privacy.enabled:
+            return
+        # The wrappers clip reply - global adapter tensor by tensor and calibrate the noise to
+        # a uniform mean of same-shape updates: a linear aggregate of the full global adapter.
+        if self.strategy.aggregation != "fedavg":
+            raise ConfigError(
+                "privacy.enabled needs strategy.aggregation=fedavg: the exact rule's SVD is not "
+                "a linear function of the clipped updates, so the noise would not cover it"
+            )
+        if self.planner.enabled:
+            raise ConfigError(
+                "privacy.enabled needs planner.enabled=false: devices must train the whole "
+                "global adapter for the update clipping to apply"
+            )
+        if self.strategy.name == "fed_ft":
+            raise ConfigError("privacy.enabled is for adapter updates, not strategy.name=fed_ft")
+
+    def _check_controller(self) -> None:
+        name = self.controller.name
+        if name == "none":
+            return
+        if self.emulator.case != 1:
+            raise ConfigError(
+                f"controller={name} chooses per-device emulators; it needs "
+                f"emulator.case=1, got {self.emulator.case}"
+            )
+        if self.strategy.fraction_train != 1.0:
+            raise ConfigError(
+                f"strategy.fraction_train={self.strategy.fraction_train} with "
+                f"controller={name}: the controller chooses who takes part; set it to 1.0"
+            )
+
+
+def validate(cfg: Config) -> Config:
+    """Check choices, ranges and cross-field rules; raise ConfigError naming the field."""
+    cfg.check()
+    return cfg

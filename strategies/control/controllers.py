@@ -1,0 +1,188 @@
+"""Controllers: per round, skip or an emulator level for every device (0 skip, k level k-1).
+
+`fixed`, `random` and `greedy` are the baselines; `ppo` wraps the learner and keeps the
+transitions it is fed back, updating every few of them. All act on a `Situation`, which the
+environment and the federated strategy fill the same way.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from fedpeat.config import ControllerConfig
+from strategies.control.edge_env import Situation, obs_size
+from strategies.control.ppo import Batch, PPOLearner
+
+log = logging.getLogger(__name__)
+
+
+class Controller(Protocol):
+    name: str
+
+    def act(self, s: Situation) -> list[int]:
+        """Per device: 0 skip, k >= 1 take part with level k-1."""
+        ...
+
+    def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
+        """The outcome of the last action; learning controllers may update (returns stats)."""
+        ...
+
+
+class Fixed:
+    """Every device, every round, one level."""
+
+    name = "fixed"
+
+    def __init__(self, level_index: int) -> None:
+        self.option = level_index + 1
+
+    def act(self, s: Situation) -> list[int]:
+        return [self.option] * len(s.memory_mb)
+
+    def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
+        return {}
+
+
+class RandomController:
+    """Skip or any level, uniformly per device (seeded)."""
+
+    name = "random"
+
+    def __init__(self, n_levels: int, seed: int) -> None:
+        self.k, self.rng = n_levels, np.random.default_rng(seed)
+
+    def act(self, s: Situation) -> list[int]:
+        return [int(a) for a in self.rng.integers(0, self.k + 1, len(s.memory_mb))]
+
+    def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
+        return {}
+
+
+def best_fitting(s: Situation, i: int) -> int:
+    """Option (level index + 1) of the highest-fidelity level device i can hold; 0 if none."""
+    fits = [k for k in range(len(s.need_mb)) if s.need_mb[k] <= s.memory_mb[i]]
+    return 1 + max(fits, key=lambda k: s.fidelity[k]) if fits else 0
+
+
+class Greedy:
+    """The `fraction` of devices with the best channel, each at its best fitting level."""
+
+    name = "greedy"
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+
+    def act(self, s: Situation) -> list[int]:
+        n = len(s.memory_mb)
+        chosen = np.argsort(-s.gain_db, kind="stable")[: max(1, math.ceil(self.fraction * n))]
+        action = [0] * n
+        for i in chosen:
+            action[int(i)] = best_fitting(s, int(i))
+        return action
+
+    def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
+        return {}
+
+
+class PPOController:
+    """The learner acting greedily (argmax per head) and updating online every `every`
+    transitions from what it is fed back (FedPEAT's online orchestration)."""
+
+    name = "ppo"
+
+    def __init__(self, learner: PPOLearner, every: int, lr: float, explore: bool = False) -> None:
+        self.learner, self.every, self.explore = learner, every, explore
+        self.learner.set_lr(lr)
+        self._obs: list[np.ndarray] = []
+        self._act: list[np.ndarray] = []
+        self._logp: list[float] = []
+        self._val: list[float] = []
+        self._rew: list[float] = []
+        self._done: list[float] = []
+        self.updates = 0
+
+    def act(self, s: Situation) -> list[int]:
+        obs = s.vector()
+        action, logp, value = self.learner.act(obs, greedy=not self.explore)
+        self._obs.append(obs)
+        self._act.append(action)
+        self._logp.append(logp)
+        self._val.append(value)
+        return [int(a) for a in action]
+
+    def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
+        self._rew.append(reward)
+        self._done.append(float(done))
+        if len(self._rew) < self.every:
+            return {}
+        batch = Batch(
+            np.stack(self._obs),
+            np.stack(self._act),
+            np.array(self._logp),
+            np.array(self._val),
+            np.array(self._rew),
+            np.array(self._done),
+            self.learner.value(next_s.vector()),
+        )
+        stats = self.learner.update(batch)
+        self.updates += 1
+        for buf in (self._obs, self._act, self._logp, self._val, self._rew, self._done):
+            buf.clear()
+        return stats
+
+    def state_dict(self) -> dict[str, object]:
+        return {"learner": self.learner.state_dict(), "updates": self.updates}
+
+
+def new_learner(cfg: ControllerConfig, n_devices: int, n_levels: int, seed: int) -> PPOLearner:
+    return PPOLearner(obs_size(n_devices, n_levels), n_devices, n_levels + 1, cfg.ppo, seed)
+
+
+def load_learner(
+    path: Path, cfg: ControllerConfig, n_devices: int, n_levels: int, seed: int
+) -> PPOLearner:
+    """The pre-trained learner at `path`, checked against this run's devices and levels."""
+    learner = new_learner(cfg, n_devices, n_levels, seed)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(
+            f"controller.ppo.checkpoint: no file at {path}; pre-train one with "
+            "`python -m strategies.control pretrain`"
+        ) from err
+    try:
+        learner.load_state_dict(ckpt["learner"])
+    except (KeyError, ValueError) as err:
+        raise ValueError(f"controller.ppo.checkpoint {path}: {err}") from err
+    return learner
+
+
+def make_controller(
+    cfg: ControllerConfig,
+    keeps: list[float],
+    n_devices: int,
+    seed: int,
+    checkpoint: Path | None = None,
+) -> Controller:
+    """The configured controller for `n_devices` devices and levels `keeps`."""
+    k = len(keeps)
+    if cfg.name == "fixed":
+        return Fixed(keeps.index(cfg.fixed_level))
+    if cfg.name == "random":
+        return RandomController(k, seed)
+    if cfg.name == "greedy":
+        return Greedy(cfg.greedy_fraction)
+    if cfg.name == "ppo":
+        if checkpoint is None:
+            log.warning("controller=ppo without a checkpoint: the policy starts untrained")
+            learner = new_learner(cfg, n_devices, k, seed)
+        else:
+            learner = load_learner(checkpoint, cfg, n_devices, k, seed)
+        return PPOController(learner, cfg.ppo.online_every, cfg.ppo.online_lr)
+    raise ValueError(f"controller.name={cfg.name!r} has no controller object")

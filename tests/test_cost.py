@@ -1,0 +1,82 @@
+"""The cost model against values worked out by hand: memory, quantized weights, link rates,
+transmission and compute time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from fedpeat.cost import (
+    ModelShape,
+    activation_bytes,
+    compute_s,
+    logits_bytes,
+    path_loss_db,
+    rate_bps,
+    training_memory_bytes,
+    transmission_s,
+    weight_bytes,
+)
+
+SHAPE = ModelShape(params=1000, layers=2, hidden=4, heads=2, vocab=10)
+
+
+QUANT_SHAPE = ModelShape(
+    params=1000, layers=2, hidden=4, heads=2, vocab=10, linear_params=800, max_linear=100
+)
+
+
+def test_memory_estimate_by_hand() -> None:
+    # activations: 2 layers * (1*2*4) tokens*hidden * (34 + 5*2*2/4 = 39) * 4 bytes / 2 = 1248
+    assert activation_bytes(SHAPE, batch=1, seq=2) == 1248
+    # logits: 3 * 1 * 2 * 10 * 4 bytes = 240
+    assert logits_bytes(SHAPE, batch=1, seq=2) == 240
+    # weights 1000 * 4 + adapter 100 * 16 + 1248 + 240
+    assert training_memory_bytes(SHAPE, 100, batch=1, seq=2) == 7088
+    # 4-bit frozen weights: 1000 * 0.5 bytes
+    assert training_memory_bytes(SHAPE, 100, batch=1, seq=2, bits=4) == 3588
+    # fp16 activations halve that term
+    assert activation_bytes(SHAPE, batch=1, seq=2, act_bytes=2) == 624
+
+
+def test_fewer_layers_need_less_memory() -> None:
+    smaller = ModelShape(params=800, layers=1, hidden=4, heads=2, vocab=10)
+    assert training_memory_bytes(smaller, 100, 4, 8) < training_memory_bytes(SHAPE, 100, 4, 8)
+
+
+def test_quantized_weight_bytes_by_hand() -> None:
+    # NF4: 800 linear weights * 4.5 bits / 8 = 450; 200 others * 2 bytes = 400; one 100-weight
+    # matrix dequantized to bf16 = 200.
+    assert weight_bytes(QUANT_SHAPE, 4, compute_bits=16) == 1050
+    # int8: 800 * 1 + 400 + 200
+    assert weight_bytes(QUANT_SHAPE, 8, compute_bits=16) == 1400
+    # 16 and 32 bits: every weight at that width
+    assert weight_bytes(QUANT_SHAPE, 16, compute_bits=16) == 2000
+    assert weight_bytes(QUANT_SHAPE, 32) == 4000
+
+
+def test_training_memory_uses_the_compute_width_for_the_unquantized_rest() -> None:
+    # weights 1050 + adapter 100 * 16 + activations (1248 at 4 bytes -> 624 at 2) + logits 240
+    assert training_memory_bytes(QUANT_SHAPE, 100, 1, 2, bits=4, act_bytes=2, compute_bits=16) == (
+        1050 + 1600 + 624 + 240
+    )
+
+
+def test_shannon_rate_by_hand() -> None:
+    # 100 m: path loss 128.1 + 37.6 * log10(0.1) = 90.5 dB. SNR in dB: p - PL - N0 B
+    # = 23 - 90.5 - (-174 + 10 log10(1e6) = -114) = 46.5 dB.
+    assert path_loss_db(100.0) == pytest.approx(90.5)
+    assert rate_bps(1e6, 23.0, 100.0) == pytest.approx(1e6 * math.log2(1 + 10**4.65))
+    # 3 dB more fading gain doubles the SNR
+    assert rate_bps(1e6, 23.0, 100.0, fading=2.0) == pytest.approx(
+        1e6 * math.log2(1 + 2 * 10**4.65)
+    )
+
+
+def test_transmission_and_compute_time_by_hand() -> None:
+    # 1e6 bytes down at 8 Mbit/s = 1 s; 5e5 bytes up at 4 Mbit/s = 1 s
+    assert transmission_s(1e6, 5e5, 8e6, 4e6) == pytest.approx(2.0)
+    # 1000 tokens * 4 * 1e6 params / 1 GFLOP/s = 4 s; full fine-tuning 6N
+    assert compute_s(1000, 1_000_000, 1e9) == pytest.approx(4.0)
+    assert compute_s(1000, 1_000_000, 1e9, full_finetune=True) == pytest.approx(6.0)

@@ -1,0 +1,47 @@
+"""Device profiles: what the server makes of what a node reports about itself."""
+
+from __future__ import annotations
+
+from fedpeat.config import DeviceProfile
+from strategies.fleet import profile_of
+
+SIM = DeviceProfile(
+    name="phone", memory_mb=900, gflops=40, bandwidth_mhz=2, power_dbm=23, distance_m=80
+)
+
+
+def test_simulated_node_takes_budget_and_link_from_the_devices_profile() -> None:
+    # Detection sees the shared host, not a simulated device: the devices= profile decides.
+    prof, assumed = profile_of({"detected-memory-mb": 20000.0, "bf16": False}, SIM)
+    assert prof.memory_mb == 900 and prof.gflops == 40 and prof.distance_m == 80
+    assert assumed == ["memory_mb", "gflops", "bandwidth_mhz", "power_dbm", "distance_m"]
+    # A node config budget and figures win over the devices= profile.
+    prof, assumed = profile_of({"memory-mb": 500.0, "distance-m": 30.0}, SIM)
+    assert (prof.memory_mb, prof.distance_m, prof.gflops) == (500, 30, 40)
+    assert "memory_mb" not in assumed and "distance_m" not in assumed
+
+
+def test_deployed_node_budget_is_its_detection_capped_by_its_config() -> None:
+    prof, assumed = profile_of({"detected-memory-mb": 3000.0}, SIM, from_nodes=True)
+    assert prof.memory_mb == 3000 and "memory_mb" not in assumed
+    prof, _ = profile_of({"detected-memory-mb": 3000.0, "memory-mb": 700.0}, SIM, from_nodes=True)
+    assert prof.memory_mb == 700
+    # A cap above what the device has left is cut to what it has.
+    prof, _ = profile_of({"detected-memory-mb": 600.0, "memory-mb": 700.0}, SIM, from_nodes=True)
+    assert prof.memory_mb == 600
+    # Nothing detected and no cap: the only fallback left is the configured profile, flagged.
+    prof, assumed = profile_of({"detected-memory-mb": -1.0}, SIM, from_nodes=True)
+    assert prof.memory_mb == 900 and "memory_mb" in assumed
+    prof, assumed = profile_of(
+        {
+            "detected-memory-mb": 1.0,
+            "gflops": 5.0,
+            "bandwidth-mhz": 0.5,
+            "power-dbm": 10.0,
+            "distance-m": 300.0,
+            "profile": "sensor",
+        },
+        SIM,
+        from_nodes=True,
+    )
+    assert assumed == [] and prof.name == "sensor" and prof.bandwidth_mhz == 0.5

@@ -1,0 +1,439 @@
+"""Whole runs of the real ServerApp path against an in-process grid of real ClientApps: caching,
+the FedPEAT cases, controllers, baselines, planned runs, and faulty devices."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+import fedpeat.device as dev
+from bench.inprocess import InProcessGrid
+from fedpeat.config import compose
+from fedpeat.emulator import adapter_region, select_layers
+from fedpeat.model import load_model
+from fedpeat.outputs import read_metrics
+from server_app.app import _run
+from strategies.round_stats import content_bytes
+from tests.helpers import adapter_of, final_state, with_adapter
+
+
+def _arrays(msg):
+    for record in msg.content.array_records.values():
+        for arr in record.values():
+            yield arr.numpy()
+
+
+def test_no_dropped_layer_ever_leaves_the_server(tmp_path, server_identity, device_disks) -> None:
+    cfg = compose("experiment=tiny rounds=3")
+    grid = InProcessGrid(3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(grid, cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+
+    full = load_model(cfg.model, cached=False)
+    n = full.config.num_hidden_layers
+    # The wire carries fp16: compare against the fp16-rounded weights of each dropped layer.
+    # 1-D tensors (norms start as all ones in every layer) cannot tell layers apart: skip them.
+    layer_weights = {
+        i: [p.detach().half().numpy() for p in full.model.layers[i].parameters() if p.ndim >= 2]
+        for i in range(n)
+    }
+    checked = 0
+    for msg in grid.sent:
+        if (
+            "plan" not in msg.content.config_records
+            or "plan" not in msg.content.config_records["plan"]
+        ):
+            continue
+        from fedpeat.protocol import Plan
+
+        plan = Plan.from_json(str(msg.content.config_records["plan"]["plan"]))
+        if not plan.emulator.digest:
+            continue
+        dropped = set(range(n)) - set(select_layers(n, 2, 2, plan.emulator.keep_ratio))
+        assert dropped, "the tiny experiment's emulators must drop layers"
+        for arr in _arrays(msg):
+            for i in dropped:
+                for w in layer_weights[i]:
+                    if arr.shape == w.shape:
+                        checked += 1
+                        assert not np.array_equal(arr.astype(np.float16), w), f"layer {i} was sent"
+    assert checked > 0
+    # Sanity of the check itself: kept layers do appear on the wire.
+    emulator_msgs = [m for m in grid.sent if "emulator" in m.content.array_records]
+    assert emulator_msgs
+    sent = [a for m in emulator_msgs for a in _arrays(m)]
+    assert any(
+        np.array_equal(a, layer_weights[0][0]) for a in sent if a.shape == layer_weights[0][0].shape
+    )
+
+    # Every byte that left the server is in metrics.jsonl, and every byte that came back.
+    assert sum(content_bytes(m.content) for m in grid.sent) == sum(r["bytes_down"] for r in rows)
+    # Round 1 sent each device its emulator; later rounds, same assignment, sent none.
+    assert rows[1]["exchanges"] == 3 and rows[1]["emulator_bytes"] > 0
+    assert all(r["exchanges"] == 0 and r["emulator_bytes"] == 0 for r in rows[2:])
+    assert all(not d["emulator_sent"] for r in rows[2:] for d in r["devices"])
+    levels = sorted(d["level"] for d in rows[1]["devices"])
+    assert levels == [0.5, 0.75, 0.75]  # budgets 170, 168, 170 MB (experiment/tiny.yaml)
+    assert all(r["emulator_ppl"] is not None for r in rows[1:])
+    assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+
+def test_devices_that_hold_the_emulator_are_not_sent_it_again(
+    tmp_path, server_identity, device_disks
+) -> None:
+    cfg = compose("experiment=tiny rounds=1")
+    for attempt in range(2):
+        run_dir = tmp_path / f"run{attempt}"
+        run_dir.mkdir()
+        _run(InProcessGrid(2), cfg, run_dir)
+    # The second run's devices reported the digests on their disks: nothing to send.
+    first, second = (read_metrics(tmp_path / f"run{i}" / "metrics.jsonl")[1] for i in range(2))
+    assert first["exchanges"] == 2 and second["exchanges"] == 0
+
+
+def test_a_corrupt_device_cache_is_refetched(tmp_path, server_identity, device_disks) -> None:
+    cfg = compose("experiment=tiny rounds=3")
+
+    def corrupt_after_round_1(msg, node):
+        plan = msg.content.config_records.get("plan", {})
+        if (
+            '"server_round": 2' in str(plan.get("plan", ""))
+            and msg.metadata.message_type == "train"
+        ):
+            # As in deployment, where each round starts a fresh ClientApp process: no
+            # in-memory copy of the emulator survives, the disk is all the device has.
+            dev._EMULATORS.clear()
+            for path in (device_disks / "device-0").glob("*.safetensors"):
+                raw = bytearray(path.read_bytes())
+                raw[-5] ^= 0xFF
+                path.write_bytes(bytes(raw))
+        return None
+
+    grid = InProcessGrid(2, fail=corrupt_after_round_1)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(grid, cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert any("corrupt" in r["reason"] for r in rows[2]["rejected"])
+    assert rows[2]["num_clients"] == 1
+    assert rows[3]["exchanges"] == 1  # resent to the device that dropped it
+    assert rows[3]["num_clients"] == 2
+
+
+@pytest.mark.parametrize("case", [2, 3])
+def test_other_fedpeat_cases_run(tmp_path, server_identity, device_disks, case: int) -> None:
+    name = {2: "shared", 3: "none"}[case]
+    cfg = compose(f"experiment=tiny emulator={name} rounds=1")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    row = read_metrics(run_dir / "metrics.jsonl")[1]
+    assert row["num_clients"] == 2
+    if case == 3:
+        assert row["exchanges"] == 0 and all(d["level"] == 1.0 for d in row["devices"])
+    else:
+        assert row["exchanges"] == 2 and all(d["level"] == 0.5 for d in row["devices"])
+
+
+def test_server_training_joins_the_average(tmp_path, server_identity, device_disks) -> None:
+    with_server = compose("experiment=tiny rounds=1")
+    without = compose("experiment=tiny rounds=1 strategy.server_train=false")
+    finals = []
+    for i, cfg in enumerate((with_server, without)):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        _run(InProcessGrid(2), cfg, run_dir)
+        finals.append(read_metrics(run_dir / "metrics.jsonl")[1])
+    assert finals[0]["server_train_loss"] is not None and finals[1]["server_train_loss"] is None
+    assert finals[0]["plugin_ppl"] != finals[1]["plugin_ppl"]
+
+
+def test_exact_aggregation_runs_and_reports_its_truncation(
+    tmp_path, server_identity, device_disks
+) -> None:
+    cfg = compose("experiment=tiny rounds=2 strategy.aggregation=exact")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(3), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    # 3 devices + the server, each rank 8, truncated back to rank 8: something is discarded.
+    assert all(r["truncation_error"] is not None and r["truncation_error"] >= 0 for r in rows[1:])
+    assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+
+def test_controllers_choose_devices_and_price_the_rounds(
+    tmp_path, server_identity, device_disks
+) -> None:
+    import json
+
+    import torch
+
+    # greedy with half the devices: one of two each round, at its best fitting level.
+    cfg = compose("experiment=tiny controller=greedy rounds=2 controller.target_ppl=1e9")
+    run_dir = tmp_path / "greedy"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    for row in rows[1:]:
+        chosen = [lv for lv in row["action"].values() if lv is not None]
+        assert len(row["action"]) == 2 and len(chosen) == 1 and row["num_clients"] == 1
+        assert row["latency_s"] > 0 and np.isfinite(row["reward"])
+        assert any(s["reason"] == "greedy: not chosen this round" for s in row["skipped"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # the target is met at round 0 already (1e9): no modelled time spent
+    assert summary["time_to_target_s"] == 0.0 and summary["controller"] == "greedy"
+    assert summary["bytes_total"] == sum(r["bytes_down"] + r["bytes_up"] for r in rows)
+
+    # fixed at keep 0.75: the small device (168 MB) cannot hold it (169.2 MB): a violation,
+    # not sent; an untrained PPO policy learns online every round and saves its state.
+    cfg = compose("experiment=tiny controller=fixed controller.fixed_level=0.75 rounds=1")
+    run_dir = tmp_path / "fixed"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    row = read_metrics(run_dir / "metrics.jsonl")[1]
+    assert row["num_clients"] == 1 and row["violations"] == 1
+    assert "fixed chose keep 0.75, which needs" in row["skipped"][0]["reason"]
+
+    cfg = compose(
+        "experiment=tiny controller=ppo controller.ppo.checkpoint='' "
+        "controller.ppo.online_every=1 rounds=2"
+    )
+    run_dir = tmp_path / "ppo"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert all(np.isfinite(r["reward"]) for r in rows[1:])
+    state = torch.load(run_dir / "controller.pt", weights_only=False)
+    assert state["controller"]["updates"] == 2 and state["round"] == 2
+
+
+def test_fed_ft_trains_and_sends_every_weight(tmp_path, server_identity, device_disks) -> None:
+    import json
+
+    cfg = compose("experiment=tiny emulator=none strategy.name=fed_ft rounds=1")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    full = load_model(cfg.model, cached=False)
+    model_bytes = sum(p.numel() * 4 for p in full.parameters())  # fp32, tied weights once
+    row = rows[1]
+    assert row["num_clients"] == 2 and row["exchanges"] == 0
+    # the whole model goes down to each device (train and evaluate) and up from each
+    for d in row["devices"]:
+        assert d["bytes_down"] >= model_bytes and d["bytes_up"] >= model_bytes
+    assert row["latency_s"] > 0
+    assert not (run_dir / "adapter").exists()
+    tuned = type(full).from_pretrained(run_dir / "merged")
+    changed = [
+        n
+        for (n, a), b in zip(full.named_parameters(), tuned.parameters(), strict=True)
+        if not np.allclose(a.detach().numpy(), b.detach().numpy())
+    ]
+    assert len(changed) == len(list(full.parameters()))  # every weight trained
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["bytes_total"] >= 4 * model_bytes
+
+
+def test_gsm8k_jsonl_run_by_overrides_only(tmp_path, server_identity, device_disks, gsm8k_path):
+    # A real JSONL data set chosen by overrides alone (flwr run itself: tests/test_e2e.py).
+    from fedpeat.config import resolve_paths
+
+    overrides = f"experiment=tiny data=jsonl data.path={gsm8k_path} data.max_samples=300 rounds=1"
+    cfg = resolve_paths(compose(overrides), tmp_path)
+    assert cfg.data.source == "jsonl"
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["num_clients"] for r in rows] == [0, 2]
+    assert all(d["examples"] > 0 for d in rows[1]["devices"])
+    assert rows[1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+
+# ------------------------------------------------------------------ planned runs (FedPipe)
+
+
+def _planner_cfg(*extra: str):
+    return compose(["experiment=tiny", "planner=fedpipe", *extra])
+
+
+TIERS = (
+    "devices.profiles=[{name:big,memory_mb:170},{name:mid,memory_mb:157},"
+    "{name:small,memory_mb:100},{name:watch,memory_mb:30}]"
+)
+
+
+@pytest.mark.parametrize("aggregation", ["exact", "fedavg"])
+def test_planned_run_gives_devices_different_plans(
+    tmp_path, monkeypatch, server_identity, aggregation
+) -> None:
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices"))
+    # Devices report native bf16 whatever this host has, so the plans (and this test) do not
+    # depend on the CPU: quantized plans then compute in bf16 and 16-bit plans are offered.
+    monkeypatch.setattr("fedpeat.device.fast_bf16", lambda device: True)
+    cfg = _planner_cfg(TIERS, "planner.upload_mb=0.3", f"strategy.aggregation={aggregation}")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    grid = InProcessGrid(4)
+    _run(grid, cfg, run_dir)
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert len(rows) == 3 and np.isfinite(rows[-1]["plugin_ppl"])
+    _check_residuals(grid, aggregation)
+    for row in rows[1:]:
+        devices = row["devices"]
+        assert len(devices) == 3 and all(d["status"] == "ok" for d in devices)
+        assert len({d["bits"] for d in devices}) >= 2
+        assert len({d["rank"] for d in devices}) >= 2
+        assert all(d["modules"] and d["est_memory_mb"] for d in devices)
+        # every plan fits its own device's budget (partition i has profile i of TIERS)
+        budgets = [170.0, 157.0, 100.0, 30.0]
+        assert all(d["est_memory_mb"] <= budgets[d["partition"]] for d in devices)
+        (skip,) = row["skipped"]
+        assert skip["reason"].startswith("memory budget 30 MB <")
+    importance = json.loads((run_dir / "importance.json").read_text())
+    assert importance["chosen"] and importance["chosen_params"] <= importance["budget_params"]
+    assert (run_dir / "merged" / "config.json").is_file()
+    region = adapter_region(8, 2, 2)
+    assert all(int(m.split(".")[1]) in region for m in importance["chosen"])
+
+
+def _check_residuals(grid: InProcessGrid, aggregation: str) -> None:
+    """exact: a device below the server rank also gets the rest of the global adapter, and
+    share + rest is the global product of every module it trains; fedavg sends no rest."""
+    from fedpeat.protocol import Plan
+    from strategies.aggregation import lora_pairs
+
+    train = [m for m in grid.sent if m.metadata.message_type == "train"]
+    with_rest = [m for m in train if "residual" in m.content.array_records]
+    if aggregation == "fedavg":
+        assert not with_rest
+        return
+    round2 = [
+        m
+        for m in train
+        if Plan.from_json(str(m.content.config_records["plan"]["plan"])).server_round == 2
+    ]
+    # round 1's global adapter has B = 0: nothing beyond any rank; round 2's has
+    assert any("residual" in m.content.array_records for m in round2)
+    # Every device's share + rest gives the same product per module: the global adapter's.
+    products: dict[str, np.ndarray] = {}
+    compared = 0
+    for msg in round2:
+        share = {k: v.numpy() for k, v in msg.content.array_records["adapter"].items()}
+        record = msg.content.array_records.get("residual")
+        rest = {k: v.numpy() for k, v in record.items()} if record is not None else {}
+        for module, (a, b) in lora_pairs(share).items():
+            total = share[b] @ share[a] + (rest[b] @ rest[a] if a in rest else 0.0)
+            if module in products:
+                np.testing.assert_allclose(total, products[module], atol=1e-5)
+                compared += 1
+            products[module] = total
+    assert compared  # devices of different ranks shared a module
+
+
+# ------------------------------------------------------------------ faulty devices
+
+
+# Generous: an honest tiny device trains in about a second, but a loaded 2-core runner is slow.
+ROUND_TIMEOUT_S = 15.0
+
+
+HONEST = (0, 6, 7)
+
+
+def _misbehave(msg: Message, node: int, reply: Message) -> Message | None:
+    """Partition 1 raises, 2 returns NaN, 3 wrong shapes, 4 an update scaled x1e4, 5 answers
+    after the round's deadline."""
+    if msg.metadata.message_type != "train" or reply.has_error():
+        return reply
+    pid, sent, got = node - 1000, adapter_of(msg), adapter_of(reply)
+    first = next(iter(got))
+    if pid == 1:
+        raise RuntimeError("CUDA error: device-side assert triggered")
+    if pid == 2:
+        got[first] = np.full_like(got[first], np.nan)
+    elif pid == 3:
+        got[first] = np.zeros((got[first].shape[0] + 1, *got[first].shape[1:]), np.float32)
+    elif pid == 4:
+        got = {k: (sent[k] + 1e4 * (v - sent[k])).astype(np.float32) for k, v in got.items()}
+    elif pid == 5:
+        time.sleep(ROUND_TIMEOUT_S + 0.5)
+    return with_adapter(reply, got)
+
+
+def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
+    tmp_path, server_identity, device_disks
+) -> None:
+    overrides = [
+        "experiment=tiny",
+        "rounds=1",  # one round shows it; each round sleeps through the deadline once
+        f"strategy.round_timeout_s={ROUND_TIMEOUT_S}",
+        "strategy.min_nodes=1",
+        "strategy.fraction_evaluate=0",
+    ]
+    cfg = compose(overrides)
+    faulty = tmp_path / "faulty"
+    faulty.mkdir()
+    grid = InProcessGrid(9, tamper=_misbehave)
+
+    def memory_taken(msg: Message, node: int) -> None:
+        # Partition 8 profiled with room to spare; by training time something else took its
+        # memory: only the device itself can notice, and it must refuse.
+        if msg.metadata.message_type == "train" and node == 1008:
+            grid.contexts[node].node_config["memory-mb"] = 1
+        return None
+
+    grid.fail = memory_taken
+    _run(grid, cfg, faulty)
+    rows = read_metrics(faulty / "metrics.jsonl")
+    assert len(rows) == 2 and (faulty / "summary.json").is_file()
+    for row in rows[1:]:
+        reasons = {r["node"] - 1000: r["reason"] for r in row["rejected"]}
+        assert sorted(reasons) == [1, 2, 3, 4, 5, 8], reasons
+        assert "device error: RuntimeError: CUDA error" in reasons[1]
+        assert "non-finite" in reasons[2]
+        assert "shape" in reasons[3]
+        assert "update norm" in reasons[4] and "x the round's median" in reasons[4]
+        assert "no reply within strategy.round_timeout_s=15" in reasons[5]
+        assert "memory budget 1 MB (node config memory-mb) <" in reasons[8]
+        assert "estimated for this plan" in reasons[8]
+        status = {d["partition"]: d["status"] for d in row["devices"]}
+        assert [p for p, s in status.items() if s == "ok"] == list(HONEST)
+        assert status[5] == "timeout" and status[4] == "rejected"
+        assert row["num_clients"] == 3
+
+    # The same run with only the honest devices (same partitions of the same split).
+    honest = tmp_path / "honest"
+    honest.mkdir()
+    _run(InProcessGrid(9, partitions=HONEST), cfg, honest)
+    want, got = final_state(honest), final_state(faulty)
+    assert want.keys() == got.keys()
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7)
+    assert read_metrics(honest / "metrics.jsonl")[-1]["rejected"] == []
+
+
+def test_too_few_valid_replies_keep_the_adapter(tmp_path, server_identity, device_disks) -> None:
+    cfg = compose(["experiment=tiny", "rounds=1", "strategy.min_replies=2", "strategy.min_nodes=1"])
+
+    def one_fails(msg: Message, node: int, reply: Message) -> Message | None:
+        if msg.metadata.message_type == "train" and node == 1001:
+            raise RuntimeError("out of battery")
+        return reply
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    grid = InProcessGrid(2, tamper=one_fails)
+    _run(grid, cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    # one valid update < min_replies=2: the adapter stays the initial one (B = 0: base model)
+    assert rows[1]["plugin_ppl"] == pytest.approx(rows[0]["plugin_ppl"], rel=1e-6)
+    assert rows[1]["rejected"][0]["reason"].endswith("out of battery")
