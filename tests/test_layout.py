@@ -4,6 +4,7 @@ device's plan, one place that ends a round, and how many files one default round
 from __future__ import annotations
 
 import ast
+import functools
 import shutil
 import subprocess
 import sys
@@ -123,7 +124,7 @@ def test_level_choice_and_the_round_end_each_live_in_one_place() -> None:
 def test_one_default_round_runs_through_few_files(
     tmp_path: Path, server_identity: None, device_disks: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Trace round 2 of a default run (tiny model, in-process devices): the project files whose
+    """Trace round 2 of a default round (tiny model, in-process devices): the project files whose
     code runs, and those among them that direct the round (call into another project file).
     The leaf modules (numeric core, LoRA state, cost model, outputs) are read by their names."""
     from bench.inprocess import InProcessGrid
@@ -135,6 +136,7 @@ def test_one_default_round_runs_through_few_files(
     entered: Counter[str] = Counter()
     directing: set[str] = set()
 
+    @functools.cache
     def project_file(filename: str) -> str | None:
         try:
             rel = Path(filename).resolve().relative_to(PROJECT)
@@ -169,11 +171,13 @@ def test_one_default_round_runs_through_few_files(
 
     monkeypatch.setattr(FedPEAT, "configure_train", traced_configure)
     monkeypatch.setattr(RoundRecorder, "__call__", traced_record)
-    cfg = compose("model=tiny_llama data.max_samples=600 rounds=2")
+    # The tiny experiment takes the default round's path (case 1, levels by memory, fedavg,
+    # server training) on a small model and corpus slice.
+    cfg = compose("experiment=tiny rounds=2")
     assert cfg.controller.name == "none" and not cfg.planner.enabled and not cfg.privacy.enabled
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    _run(InProcessGrid(3), cfg, run_dir)
+    _run(InProcessGrid(2), cfg, run_dir)
     assert "strategies/fedpeat_strategy.py" in entered and "client_app/app.py" in entered
     assert len(directing) <= 12, sorted(directing)
     # Every file entered, leaves included: 18 before the layout was redrawn, and no more now.

@@ -7,6 +7,7 @@ run, streams its log, polls the run status until it is finished, stops every pro
 (by process group), and exits non-zero unless the run completed and wrote its summary.
 
     python -m fedpeat.cli.launch --devices 6 --overrides "model=tiny_llama rounds=2"
+    python -m fedpeat.cli.launch --check --overrides "..."   # validate and print, start nothing
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from fedpeat.cli.flower import (
     toml_str,
     write_connection,
 )
+from fedpeat.config import Config, to_yaml
 
 
 @dataclass
@@ -132,6 +134,17 @@ def follow_run(
                 log_proc.kill()
 
 
+def check(devices: int, overrides: str = "") -> Config:
+    """What `launch` checks before it starts anything (the overrides compose and validate, the
+    data reads, every device gets a partition); returns the resolved config."""
+    from fedpeat.config import compose, resolve_paths
+    from fedpeat.data import partition_sizes
+
+    cfg = resolve_paths(compose(overrides), Path.cwd())
+    partition_sizes(cfg.data, cfg.partition, devices)
+    return cfg
+
+
 def launch(
     devices: int,
     overrides: str = "",
@@ -144,13 +157,9 @@ def launch(
     app_dir: Path = PROJECT_DIR,
 ) -> Outcome:
     """Run the app once in local simulation and return how it ended."""
-    from fedpeat.config import compose, resolve_paths
-    from fedpeat.data import partition_sizes
-
     workdir = Path.cwd()
     # Bad overrides, unreadable data and impossible partitions fail here, before any process.
-    cfg = resolve_paths(compose(overrides), workdir)
-    partition_sizes(cfg.data, cfg.partition, devices)
+    cfg = check(devices, overrides)
     flwr_home = (flwr_home or Path(os.environ.get("FLWR_HOME", PROJECT_DIR / ".flwr"))).resolve()
     output_dir = (output_dir or workdir / "runs").resolve()
     marker = uuid.uuid4().hex
@@ -245,7 +254,19 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=float, default=3 * 3600, help="seconds before the run is stopped"
     )
     parser.add_argument("--no-stream", action="store_true", help="do not stream the run's log")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="validate the overrides and data, print the resolved config, start nothing",
+    )
     args = parser.parse_args(argv)
+    if args.check:
+        try:
+            print(to_yaml(check(args.devices, args.overrides)), end="")
+        except Exception as err:
+            print(f"[fedpeat] error: {err}", file=sys.stderr)
+            return 2
+        return 0
     try:
         outcome = launch(
             args.devices,
