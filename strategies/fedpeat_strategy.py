@@ -340,14 +340,15 @@ class FedPEAT(Strategy):
             stats.server_train_loss = result.train_loss
         valid = self._screen(stats, valid, server_update)
         merged = self._aggregate(server_round, stats, valid, server_update)
+        record = None
+        if merged is not None:  # a module no one trained this round keeps its value
+            record = to_record({k: merged.get(k, v) for k, v in self.state.items()})
         stats.timing["aggregate"] = (
             time.perf_counter() - began - stats.timing.get("server_train", 0.0)
         )
-        if merged is None:
+        if record is None:
             return None, None
-        # A module no one trained this round keeps its value.
-        merged = {k: merged.get(k, v) for k, v in self.state.items()}
-        return to_record(merged), MetricRecord({"train_loss": stats.train_loss or 0.0})
+        return record, MetricRecord({"train_loss": stats.train_loss or 0.0})
 
     def _screen(
         self,
