@@ -28,6 +28,7 @@ def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
         "memory": [[*py, "bench.client_memory"]],
         "federated": [federated],
         "merged_forward": [[*py, "bench.merged_forward"]],
+        "round_files": [[*py, "bench.round_files"]],
     }
 
 

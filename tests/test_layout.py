@@ -4,14 +4,11 @@ device's plan, one place that ends a round, and how many files one default round
 from __future__ import annotations
 
 import ast
-import functools
 import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
-
-import pytest
 
 PROJECT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedpeat", "strategies", "server_app", "client_app")
@@ -122,62 +119,19 @@ def test_level_choice_and_the_round_end_each_live_in_one_place() -> None:
 
 
 def test_one_default_round_runs_through_few_files(
-    tmp_path: Path, server_identity: None, device_disks: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, server_identity: None, device_disks: Path
 ) -> None:
-    """Trace round 2 of a default round (tiny model, in-process devices): the project files whose
-    code runs, and those among them that direct the round (call into another project file).
-    The leaf modules (numeric core, LoRA state, cost model, outputs) are read by their names."""
-    from bench.inprocess import InProcessGrid
+    """Round 2 of a default round (the tiny experiment takes the default round's path: case 1,
+    levels by memory, fedavg, server training) traced by `bench.round_files`: the files that
+    direct it, and every file entered."""
+    from bench.round_files import trace_round
     from fedpeat.config import compose
-    from server_app.app import _run
-    from server_app.recorder import RoundRecorder
-    from strategies.fedpeat_strategy import FedPEAT
 
-    entered: Counter[str] = Counter()
-    directing: set[str] = set()
-
-    @functools.cache
-    def project_file(filename: str) -> str | None:
-        try:
-            rel = Path(filename).resolve().relative_to(PROJECT)
-        except ValueError:
-            return None
-        return str(rel) if rel.parts[0] in PACKAGES else None
-
-    def profile(frame, event, arg):  # type: ignore[no-untyped-def]
-        if event != "call" or (callee := project_file(frame.f_code.co_filename)) is None:
-            return
-        caller, back = None, frame.f_back
-        while back is not None and (caller := project_file(back.f_code.co_filename)) is None:
-            back = back.f_back
-        if caller != callee:
-            entered[callee] += 1
-            if caller is not None:
-                directing.add(caller)
-
-    configure, record = FedPEAT.configure_train, RoundRecorder.__call__
-
-    def traced_configure(self, server_round, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if server_round == 2:
-            sys.setprofile(profile)
-        return configure(self, server_round, *args, **kwargs)
-
-    def traced_record(self, server_round, arrays):  # type: ignore[no-untyped-def]
-        try:
-            return record(self, server_round, arrays)
-        finally:
-            if server_round == 2:
-                sys.setprofile(None)
-
-    monkeypatch.setattr(FedPEAT, "configure_train", traced_configure)
-    monkeypatch.setattr(RoundRecorder, "__call__", traced_record)
-    # The tiny experiment takes the default round's path (case 1, levels by memory, fedavg,
-    # server training) on a small model and corpus slice.
-    cfg = compose("experiment=tiny rounds=2")
+    overrides = "experiment=tiny rounds=2"
+    cfg = compose(overrides)
     assert cfg.controller.name == "none" and not cfg.planner.enabled and not cfg.privacy.enabled
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    _run(InProcessGrid(2), cfg, run_dir)
+    traced = trace_round(overrides, 2, tmp_path)
+    entered, directing = traced.entered, traced.directing
     assert "strategies/fedpeat_strategy.py" in entered and "client_app/app.py" in entered
     assert len(directing) <= 12, sorted(directing)
     # Every file entered, leaves included: 18 before the layout was redrawn, and no more now.
