@@ -204,28 +204,74 @@ def load_samples(cfg: DataConfig) -> list[Sample]:
 # --------------------------------------------------------------------------- splits
 
 
+def group_keys(samples: Sequence[Sample]) -> list[str]:
+    """The split unit of each sample: its prompt where there is one (rows sharing a prompt,
+    e.g. E2E's several references of one meaning representation, always land on the same side
+    of every split), else the sample itself."""
+    return [s["prompt"] if s.get("prompt") else f"\0{i}" for i, s in enumerate(samples)]
+
+
+def _by_group(groups: Sequence[str]) -> tuple[list[str], dict[str, list[int]]]:
+    order: list[str] = []
+    rows: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        if g not in rows:
+            order.append(g)
+            rows[g] = []
+        rows[g].append(i)
+    return order, rows
+
+
 def server_split(
-    n: int, eval_fraction: float, seed: int, train_fraction: float = 0.0
+    n: int | Sequence[str], eval_fraction: float, seed: int, train_fraction: float = 0.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices (server held-out, server train, device pool) from one seeded permutation.
 
-    The server's held-out set is never trained on by anyone; its train set is the data the
-    server itself holds for collaborative tuning and distillation.
+    `n` is the number of samples (each its own group) or each sample's group key: groups, not
+    rows, are permuted and split. The server's held-out set is never trained on by anyone; its
+    train set is the data the server itself holds for collaborative tuning and distillation.
     """
-    if n < 3:
-        raise DataError(f"the corpus has {n} sample(s); at least 3 are needed")
-    order = np.random.default_rng(seed).permutation(n)
-    n_eval = min(n - 2, max(1, round(n * eval_fraction)))
-    n_train = min(n - 1 - n_eval, round(n * train_fraction))
+    groups = [f"\0{i}" for i in range(n)] if isinstance(n, int) else list(n)
+    order, rows = _by_group(groups)
+    g = len(order)
+    if g < 3:
+        raise DataError(f"the corpus has {g} distinct sample group(s); at least 3 are needed")
+    perm = np.random.default_rng(seed).permutation(g)
+    n_eval = min(g - 2, max(1, round(g * eval_fraction)))
+    n_train = min(g - 1 - n_eval, round(g * train_fraction))
+
+    def rows_of(chosen: np.ndarray) -> np.ndarray:
+        return np.sort(np.asarray([i for j in chosen for i in rows[order[j]]], dtype=np.int64))
+
     return (
-        np.sort(order[:n_eval]),
-        np.sort(order[n_eval : n_eval + n_train]),
-        np.sort(order[n_eval + n_train :]),
+        rows_of(perm[:n_eval]),
+        rows_of(perm[n_eval : n_eval + n_train]),
+        rows_of(perm[n_eval + n_train :]),
     )
 
 
-def _server_split(cfg: DataConfig, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    return server_split(n, cfg.server_fraction, cfg.seed, cfg.server_train_fraction)
+def _server_split(cfg: DataConfig, samples: Sequence[Sample]) -> tuple[np.ndarray, ...]:
+    return server_split(
+        group_keys(samples), cfg.server_fraction, cfg.seed, cfg.server_train_fraction
+    )
+
+
+SPLITS = ("validation", "test")
+
+
+def held_out_split(
+    groups: Sequence[str], held: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The server's held-out rows split by group into (validation, test), halves of the groups
+    (validation gets the odd one). Decisions use validation; reported figures use test."""
+    order, rows = _by_group([groups[i] for i in held])
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_val = (len(order) + 1) // 2
+
+    def rows_of(chosen: np.ndarray) -> np.ndarray:
+        return np.sort(np.asarray([held[i] for j in chosen for i in rows[order[j]]], np.int64))
+
+    return rows_of(perm[:n_val]), rows_of(perm[n_val:])
 
 
 def partition_indices(
@@ -246,12 +292,17 @@ def partition_indices(
 
     if num_partitions < 1:
         raise DataError(f"num-partitions={num_partitions}; expected at least 1")
-    column: dict[str, list[Any]] = {"idx": list(range(len(samples)))}
+    # IidPartitioner cuts contiguous blocks: shuffle first, or a corpus stored in order (plays,
+    # one after another) would give each device a few plays, not a uniform share.
+    idx = list(range(len(samples)))
+    if cfg.kind == "iid":
+        idx = np.random.default_rng(seed).permutation(len(samples)).tolist()
+    column: dict[str, list[Any]] = {"idx": idx}
     if cfg.kind != "iid":
         if any(cfg.by not in s for s in samples):
             have = sorted(k for k in samples[0] if k not in ("prompt", "response"))
             raise DataError(f"partition.by={cfg.by!r} is not a column of the data; have {have}")
-        column[cfg.by] = [s[cfg.by] for s in samples]
+        column[cfg.by] = [samples[i][cfg.by] for i in idx]
     ds = datasets.Dataset.from_dict(column)
 
     partitioner: Partitioner
@@ -288,14 +339,24 @@ def partition_indices(
 
 
 def train_test_split(
-    indices: np.ndarray, test_fraction: float, seed: int
+    indices: np.ndarray, test_fraction: float, seed: int, groups: Sequence[str] | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of one partition into (train, held-out); both non-empty."""
+    """Seeded split of one partition into (train, held-out), by group when `groups` (one key
+    per index) are given and there are at least two; both sides non-empty."""
     if len(indices) < 2:
         raise DataError(f"a device partition has {len(indices)} sample(s); at least 2 are needed")
-    order = np.random.default_rng(seed).permutation(indices)
-    n_test = min(len(indices) - 1, max(1, round(len(indices) * test_fraction)))
-    return np.sort(order[n_test:]), np.sort(order[:n_test])
+    keys = list(groups) if groups is not None else [f"\0{i}" for i in range(len(indices))]
+    order, rows = _by_group(keys)
+    if len(order) < 2:  # one prompt only: split its rows
+        order, rows = _by_group([f"\0{i}" for i in range(len(indices))])
+    perm = np.random.default_rng(seed).permutation(len(order))
+    n_test = min(len(order) - 1, max(1, round(len(order) * test_fraction)))
+    pick = np.asarray(indices)
+
+    def rows_of(chosen: np.ndarray) -> np.ndarray:
+        return np.sort(pick[[i for j in chosen for i in rows[order[j]]]])
+
+    return rows_of(perm[n_test:]), rows_of(perm[:n_test])
 
 
 def partition_sizes(cfg: DataConfig, part: PartitionConfig, num_partitions: int) -> list[int]:
@@ -305,7 +366,7 @@ def partition_sizes(cfg: DataConfig, part: PartitionConfig, num_partitions: int)
     clearly, instead of on every device.
     """
     samples = load_samples(cfg)
-    _, _, pool = _server_split(cfg, len(samples))
+    _, _, pool = _server_split(cfg, samples)
     parts = partition_indices([samples[i] for i in pool], part, num_partitions, cfg.seed)
     sizes = [len(p) for p in parts]
     small = [i for i, n in enumerate(sizes) if n < 2]
@@ -330,19 +391,31 @@ def device_data(
     if not 0 <= partition_id < num_partitions:
         raise DataError(f"partition-id={partition_id} outside [0, {num_partitions})")
     samples = load_samples(cfg)
-    _, _, pool = _server_split(cfg, len(samples))
+    _, _, pool = _server_split(cfg, samples)
     pool_samples = [samples[i] for i in pool]
     parts = partition_indices(pool_samples, part, num_partitions, cfg.seed)
     mine = parts[partition_id]
-    train, test = train_test_split(mine, cfg.device_test_fraction, cfg.seed + partition_id)
+    keys = group_keys(pool_samples)
+    train, test = train_test_split(
+        mine, cfg.device_test_fraction, cfg.seed + partition_id, [keys[i] for i in mine]
+    )
     return DeviceData([pool_samples[i] for i in train], [pool_samples[i] for i in test])
 
 
-def server_data(cfg: DataConfig) -> list[Sample]:
-    """The server's held-out set, capped at `server_eval_samples` (a seeded subset)."""
+def _held_out(cfg: DataConfig, split: str) -> list[Sample]:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; expected one of {SPLITS}")
     samples = load_samples(cfg)
-    held, _, _ = _server_split(cfg, len(samples))
-    held_samples = [samples[i] for i in held]
+    groups = group_keys(samples)
+    held, _, _ = server_split(groups, cfg.server_fraction, cfg.seed, cfg.server_train_fraction)
+    val, test = held_out_split(groups, held, cfg.seed + 7)
+    return [samples[i] for i in (val if split == "validation" else test)]
+
+
+def server_data(cfg: DataConfig, split: str = "validation") -> list[Sample]:
+    """One half of the server's held-out set (`validation` for every decision, `test` for
+    reported figures), capped at `server_eval_samples` rows (a seeded subset)."""
+    held_samples = _held_out(cfg, split)
     if len(held_samples) > cfg.server_eval_samples:
         keep = np.random.default_rng(cfg.seed + 1).choice(
             len(held_samples), cfg.server_eval_samples, replace=False
@@ -351,10 +424,23 @@ def server_data(cfg: DataConfig) -> list[Sample]:
     return held_samples
 
 
+def eval_prompts(cfg: DataConfig, split: str, limit: int = 0) -> list[tuple[str, list[str]]]:
+    """(prompt, every reference of that prompt) for the held-out split, in a seeded order,
+    at most `limit` prompts (0: all). Empty for data without prompts."""
+    refs: dict[str, list[str]] = {}
+    for s in _held_out(cfg, split):
+        if s.get("prompt"):
+            refs.setdefault(s["prompt"], []).append(s["response"])
+    prompts = sorted(refs)
+    order = np.random.default_rng(cfg.seed + 2).permutation(len(prompts))
+    chosen = [prompts[i] for i in order[: limit or len(prompts)]]
+    return [(p, refs[p]) for p in chosen]
+
+
 def server_train_data(cfg: DataConfig) -> list[Sample]:
     """The server's own training data (collaborative tuning and distillation)."""
     samples = load_samples(cfg)
-    _, train, _ = _server_split(cfg, len(samples))
+    _, train, _ = _server_split(cfg, samples)
     return [samples[i] for i in train]
 
 

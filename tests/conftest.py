@@ -65,6 +65,14 @@ def gsm8k_path() -> Path:
 
 
 @pytest.fixture()
+def e2e_path() -> Path:
+    path = SHARED_DATA / "e2e" / "dev.jsonl"
+    if not path.is_file():
+        pytest.skip(f"E2E not present at {path}")
+    return path
+
+
+@pytest.fixture()
 def server_identity(monkeypatch):
     """What the ServerApp runtime sets before `Message(...)` may be built outside it."""
     from flwr.supercore.task_identity import TaskIdentity

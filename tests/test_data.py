@@ -13,6 +13,8 @@ from fedpeat.data import (
     DataError,
     device_data,
     encode,
+    eval_prompts,
+    group_keys,
     jsonl_samples,
     load_samples,
     parse_play,
@@ -151,7 +153,10 @@ def test_devices_never_see_the_server_data() -> None:
     splits = [device_data(cfg, part, i, 4) for i in range(4)]
     # Samples are the corpus's own dict objects: compare identities, not (repeatable) texts.
     device = [id(s) for d in splits for s in d.train + d.test]
-    held = [id(s) for s in server_data(cfg)]
+    val = [id(s) for s in server_data(cfg)]
+    test = [id(s) for s in server_data(cfg, "test")]
+    assert val and test and not set(val) & set(test)
+    held = val + test
     train = [id(s) for s in server_train_data(cfg)]
     assert held and train
     assert not set(held) & set(device) and not set(train) & set(device)
@@ -208,3 +213,109 @@ def test_hf_source_reads_a_saved_dataset_directory(tmp_path) -> None:
     assert samples[0]["prompt"] == "Question: a?\nAnswer: " and samples[1]["topic"] == "y"
     with pytest.raises(DataError, match="cannot load dataset"):
         load_samples(compose(f"data=hf data.path={tmp_path / 'absent'}").data)
+
+
+def _e2e_like(tmp_path, n_prompts: int = 30, refs: int = 3) -> DataConfig:
+    path = tmp_path / "e2e.jsonl"
+    rows = [
+        {
+            "mr": f"name[R{p % 7}], food[F{p}]",
+            "ref": f"R{p % 7} serves F{p} ({r})",
+            "name": f"R{p % 7}",
+        }
+        for p in range(n_prompts)
+        for r in range(refs)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return DataConfig(
+        name="e2e",
+        source="jsonl",
+        path=str(path),
+        prompt_field="mr",
+        response_field="ref",
+        server_fraction=0.4,
+        server_train_fraction=0.1,
+        server_eval_samples=1000,
+    )
+
+
+def test_split_goes_by_prompt_never_by_row(tmp_path) -> None:
+    cfg = _e2e_like(tmp_path)
+    prompts = {
+        "validation": {s["prompt"] for s in server_data(cfg)},
+        "test": {s["prompt"] for s in server_data(cfg, "test")},
+        "server train": {s["prompt"] for s in server_train_data(cfg)},
+        "devices": {
+            s["prompt"]
+            for i in range(3)
+            for s in device_data(cfg, PartitionConfig(kind="natural", by="name"), i, 3).train
+        },
+    }
+    names = list(prompts)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not prompts[a] & prompts[b], f"{a} and {b} share a prompt"
+    # 30 prompts: 12 held out (6 validation, 6 test), 3 for the server's training.
+    assert (len(prompts["validation"]), len(prompts["test"]), len(prompts["server train"])) == (
+        6,
+        6,
+        3,
+    )
+    # Every reference of a held-out prompt comes with it.
+    items = eval_prompts(cfg, "test")
+    assert len(items) == 6 and all(len(refs) == 3 for _, refs in items)
+    assert {p for p, _ in items} == prompts["test"]
+    assert len(eval_prompts(cfg, "test", limit=4)) == 4
+
+
+def test_group_keys_and_grouped_server_split() -> None:
+    samples = [{"prompt": p, "response": "r"} for p in ["a", "b", "a", "c", "b", "d"]]
+    keys = group_keys(samples)
+    assert keys[0] == keys[2] and keys[1] == keys[4]
+    held, train, pool = server_split(keys, 0.25, seed=0, train_fraction=0.25)
+    for part in (held, train, pool):
+        assert len({keys[i] for i in part}) == len({keys[i] for i in part})
+        for i in part:  # a prompt's rows all sit on one side
+            assert all(j in part for j in range(6) if keys[j] == keys[i])
+    # Without prompts (Shakespeare) every sample is its own group.
+    plain = group_keys([{"prompt": "", "response": "x"}] * 3)
+    assert len(set(plain)) == 3
+
+
+def test_device_holdout_splits_by_prompt() -> None:
+    keys = ["p1", "p1", "p2", "p2", "p3", "p3", "p4", "p4"]
+    train, test = train_test_split(np.arange(10, 18), 0.25, seed=0, groups=keys)
+    held = {keys[i - 10] for i in test}
+    assert len(held) == 1 and len(test) == 2
+    assert not held & {keys[i - 10] for i in train}
+
+
+def test_iid_partition_shuffles() -> None:
+    # A corpus stored in blocks (play A's samples, then play B's): contiguous IID blocks would
+    # give device 0 only play A.
+    samples = [{"prompt": "", "response": "x", "play": "A" if i < 50 else "B"} for i in range(100)]
+    parts = partition_indices(samples, PartitionConfig(kind="iid"), 2, seed=0)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(100))
+    for part in parts:
+        plays = {samples[i]["play"] for i in part}
+        assert plays == {"A", "B"}
+        assert not np.array_equal(np.sort(part), np.arange(part.min(), part.min() + len(part)))
+    again = partition_indices(samples, PartitionConfig(kind="iid"), 2, seed=0)
+    np.testing.assert_array_equal(parts[0], again[0])
+
+
+def test_e2e_experiment_without_its_data_names_the_file(tmp_path) -> None:
+    cfg = compose(f"experiment=e2e data.path={tmp_path / 'absent' / 'dev.jsonl'}")
+    assert cfg.eval.metrics == ["bleu", "rouge_l"] and cfg.partition.by == "name"
+    with pytest.raises(DataError, match=r"data.path: no such file .*absent/dev.jsonl"):
+        load_samples(cfg.data)
+
+
+def test_e2e_experiment_on_the_shared_data(e2e_path) -> None:
+    cfg = compose(f"experiment=e2e data.path={e2e_path}")
+    val, test = eval_prompts(cfg.data, "validation"), eval_prompts(cfg.data, "test")
+    assert len(val) > 80 and len(test) > 80
+    assert not {p for p, _ in val} & {p for p, _ in test}
+    assert sum(len(r) for _, r in val) > 4 * len(val)  # several references per prompt
+    sizes = [len(device_data(cfg.data, cfg.partition, i, 6).train) for i in range(6)]
+    assert min(sizes) > 50
