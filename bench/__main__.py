@@ -29,6 +29,8 @@ def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
         "federated": [federated],
         "merged_forward": [[*py, "bench.merged_forward"]],
         "round_files": [[*py, "bench.round_files"]],
+        # E2E rows need ../shared/data/e2e (skipped with a message where it is absent).
+        "transfer": [[*py, "bench.transfer", *(["--reuse"] if reuse else [])]],
     }
 
 

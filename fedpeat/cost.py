@@ -25,8 +25,10 @@ Time of one round on a device (the planner's deadline; the controller's latency)
   compute       tokens * 4 * N_emulator / FLOP/s   (LoRA: forward 2N, backward through frozen 2N)
 
 A round (`price_round`, shared by the controller's environment and the federated strategy): the
-max over the devices sent work of transmission + compute, the emulator swaps it causes, and its
-reward -(w_ppl * ppl / ppl_0 + w_latency * latency_s + w_swaps * swaps) - penalties.
+max over the devices sent work of transmission + compute, plus the server's own compute (its
+training step at 4N and its evaluations at 2N per token, on devices.server_gflops), the
+emulator swaps it causes, and its reward
+-(w_ppl * ppl / ppl_0 + w_latency * latency_s + w_swaps * swaps) - penalties.
 """
 
 from __future__ import annotations
@@ -149,6 +151,12 @@ def compute_s(tokens: float, params: int, flops: float, full_finetune: bool = Fa
     return tokens * (6 if full_finetune else 4) * params / flops
 
 
+def server_compute_s(train_tokens: float, eval_tokens: float, params: int, flops: float) -> float:
+    """Seconds of the server's own work in a round on the full model of `params` parameters:
+    its LoRA training step (4N per token) and its evaluations (forward only, 2N per token)."""
+    return (4.0 * train_tokens + 2.0 * eval_tokens) * params / flops
+
+
 # --------------------------------------------------------------------------- a round
 
 
@@ -233,6 +241,9 @@ class RoundOutcome:
     trained: list[int] = field(default_factory=list)
     """Indices of devices that trained (took part and fit)."""
     device_latency_s: dict[int, float] = field(default_factory=dict)
+    server_s: float = 0.0
+    """The server's own compute, after the devices' replies (so a round without devices is
+    not free)."""
 
 
 def price_round(
@@ -248,14 +259,16 @@ def price_round(
     tokens: float,
     check_memory: bool = True,
     full_finetune: bool = False,
+    server_s: float = 0.0,
 ) -> RoundOutcome:
     """Apply `action` (0 skip, k level k-1) to the holdings and swap counts (updated in place)
     and price the round. A device given a level that does not fit its memory does not train and
     receives nothing (the server would not send it). `holding[i]` is 0 (none) or level + 1.
     A swap replaces a held emulator; a first download is an exchange but no swap.
     `check_memory=False`: the caller has already kept devices that do not fit out of `action`
-    (the strategy, whose planner may fit a level by quantizing)."""
-    out = RoundOutcome()
+    (the strategy, whose planner may fit a level by quantizing). `server_s`: the server's own
+    compute, added to the slowest device's time."""
+    out = RoundOutcome(server_s=server_s)
     for i, a in enumerate(action):
         if a == 0:
             continue
@@ -277,5 +290,5 @@ def price_round(
         )
         out.device_latency_s[i] = t
         out.trained.append(i)
-    out.latency_s = max(out.device_latency_s.values(), default=0.0)
+    out.latency_s = max(out.device_latency_s.values(), default=0.0) + server_s
     return out

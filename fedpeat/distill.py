@@ -1,10 +1,14 @@
 """Distil an emulator's middle block to the full model (Offsite-Tuning's NLD emulators).
 
 The bottom layers are shared, so both models agree on the middle block's input; we train the
-emulator's kept middle layers so that the hidden state leaving them matches the one leaving the
-full model's middle block, with a normalised MSE:
+emulator's kept middle layers to reproduce the full model. `emulator.distill.loss` sums any of:
 
-    loss = mean over tokens of ||h_emulator - h_full||^2 / ||h_full||^2
+- `hidden`: the hidden state leaving the middle block matches the full model's, normalised MSE
+      mean over tokens of ||h_emulator - h_full||^2 / ||h_full||^2  (Offsite-Tuning);
+- `layerwise`: the same at every kept middle layer, whose target is the full model's state
+  where the next kept layer starts (each kept layer learns to also do the dropped ones' work);
+- `kd`: the KL divergence of the emulator's next-token distribution from the full model's
+  (knowledge distillation on the output, what the adapter's gradient actually flows through).
 
 Only the middle layers change; the adapter region (bottom and top) stays identical to the full
 model's, which is what makes the plug-in exact.
@@ -14,14 +18,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from fedpeat.config import DistillConfig
 from fedpeat.data import Encoded
 from fedpeat.emulator import Emulator, layer_prefix
-from fedpeat.train import collate
+from fedpeat.train import batches, collate
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +43,98 @@ def normalised_mse(
     return (err / norm * m).sum() / m.sum().clamp_min(1.0)
 
 
+def token_kl(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Mean over unmasked tokens of KL(teacher || student) of the next-token distributions."""
+    t = F.log_softmax(teacher_logits.float(), dim=-1)
+    s = F.log_softmax(student_logits.float(), dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)
+    m = mask.to(kl.dtype)
+    return (kl * m).sum() / m.sum().clamp_min(1.0)
+
+
+def targets(emulator: Emulator, loss: str) -> list[tuple[int, int]]:
+    """(emulator hidden-state index, full-model hidden-state index) pairs to match.
+
+    hidden_states[i] is the input of layer i; the middle block's output is the input of the
+    first top layer. `layerwise`: after each kept middle layer, the input of the next kept layer.
+    """
+    layers, b = emulator.layers, emulator.bottom
+    n_mid = len(layers) - b - emulator.top
+    last = (b + n_mid, emulator.n_full_layers - emulator.top)
+    if "layerwise" in loss:
+        return [(j + 1, layers[j + 1]) for j in range(b, b + n_mid - 1)] + [last]
+    return [last] if "hidden" in loss else []
+
+
+@dataclass
+class _Batch:
+    """One distillation batch as the teacher saw it: the middle block's input (the bottom
+    region's output, the same in both models), the targets, the padding mask."""
+
+    inputs: torch.Tensor
+    targets: list[torch.Tensor]
+    mask: torch.Tensor
+
+
+@torch.no_grad()
+def _teacher_batches(
+    emulator: Emulator,
+    full: torch.nn.Module,
+    data: Sequence[Encoded],
+    pairs: Sequence[tuple[int, int]],
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+) -> list[_Batch]:
+    """One pass of the full model over the distillation data; what every step needs is kept,
+    so a step runs only the emulator's middle block (and, for `kd`, the top region and head)."""
+    # Each target needs the full model's state where the student's output is compared; `kd`
+    # needs the middle block's output (the top region and head then give the logits).
+    wanted = [t for _, t in pairs] or [emulator.n_full_layers - emulator.top]
+    out = []
+    for chunk in batches(data, batch_size):
+        batch = collate(chunk, pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        hidden = _base(full)(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        states = hidden.hidden_states
+        out.append(_Batch(states[emulator.bottom], [states[t] for t in wanted], mask))
+    return out
+
+
+def _run_layers(
+    model: torch.nn.Module, layers: Sequence[torch.nn.Module], h: torch.Tensor, mask: torch.Tensor
+) -> list[torch.Tensor]:
+    """Run decoder `layers` of `model` on hidden states `h` (positions from 0, causal with the
+    padding `mask`); the output of every layer, in order."""
+    from transformers.masking_utils import create_causal_mask
+
+    base: Any = _base(model)  # a Llama-style decoder: config, rotary_emb, layers
+    pos = torch.arange(h.shape[1], device=h.device).unsqueeze(0)
+    causal = create_causal_mask(
+        config=base.config,
+        inputs_embeds=h,
+        attention_mask=mask,
+        past_key_values=None,
+        position_ids=pos,
+    )
+    rope = base.rotary_emb(h, position_ids=pos)
+    outs = []
+    for layer in layers:
+        h = layer(h, attention_mask=causal, position_embeddings=rope, position_ids=pos)
+        outs.append(h)
+    return outs
+
+
+def _logits(
+    model: torch.nn.Module, top: Sequence[torch.nn.Module], h: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """The top region, the final norm and the LM head on the middle block's output."""
+    h = _run_layers(model, top, h, mask)[-1] if top else h
+    return model.lm_head(_base(model).norm(h))  # type: ignore[operator]
+
+
 def distill(
     emulator: Emulator,
     full: torch.nn.Module,
@@ -45,7 +144,12 @@ def distill(
     device: torch.device,
     seed: int = 0,
 ) -> list[float]:
-    """Train the emulator's middle layers in place; returns the loss per step."""
+    """Train the emulator's middle layers in place; returns the loss per step.
+
+    The full model runs once over the data (`_teacher_batches`); each step then runs only the
+    emulator's middle layers on the cached middle-block inputs (for `kd` also the frozen top
+    region and head), a fraction of a whole forward and backward pass of both models.
+    """
     if not data:
         raise ValueError("distillation needs server training data (data.server_train_fraction)")
     data = list(data)[: cfg.samples]
@@ -54,30 +158,34 @@ def distill(
     n_mid = n_emu - emulator.bottom - emulator.top
     layers = dict(model.named_modules())[layer_prefix(model, n_emu)]
     middle = [layers[i] for i in range(emulator.bottom, emulator.bottom + n_mid)]
+    top = [layers[i] for i in range(emulator.bottom + n_mid, n_emu)]
     params = [p for layer in middle for p in layer.parameters()]
     for p in params:
         p.requires_grad_(True)
     optim = torch.optim.AdamW(params, lr=cfg.lr)
-    # hidden_states[i] is the input of layer i (index 0: embeddings), so the middle block's
-    # output is hidden_states[bottom + n_mid] in the emulator and [n_full - top] in the full model.
-    student_at = emulator.bottom + n_mid
-    teacher_at = emulator.n_full_layers - emulator.top
+    pairs = targets(emulator, cfg.loss)
+    use_kd = "kd" in cfg.loss
+    cached = _teacher_batches(emulator, full, data, pairs, cfg.batch_size, pad_id, device)
+    # Student index s_at is the input of emulator layer s_at: the output of middle layer
+    # s_at - bottom - 1.
+    picks = [s_at - emulator.bottom - 1 for s_at, _ in pairs]
     rng = np.random.default_rng(seed)
     losses: list[float] = []
     order: list[int] = []
     model.train()
     try:
         for step in range(cfg.steps):
-            if len(order) < cfg.batch_size:
-                order += rng.permutation(len(data)).tolist()
-            idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
-            batch = collate([data[i] for i in idx], pad_id)
-            ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-            with torch.no_grad():
-                hidden = _base(full)(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-                teacher = hidden.hidden_states[teacher_at]
-            out = _base(model)(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            loss = normalised_mse(out.hidden_states[student_at], teacher, mask)
+            if not order:
+                order = rng.permutation(len(cached)).tolist()
+            b = cached[order.pop()]
+            outs = _run_layers(model, middle, b.inputs, b.mask)
+            loss = torch.zeros((), device=device)
+            for pick, target in zip(picks, b.targets, strict=False):
+                loss = loss + normalised_mse(outs[pick], target, b.mask) / len(picks)
+            if use_kd:
+                with torch.no_grad():
+                    teacher = _logits(model, top, b.targets[-1], b.mask)
+                loss = loss + token_kl(_logits(model, top, outs[-1], b.mask), teacher, b.mask)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

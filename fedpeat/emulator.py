@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+log = logging.getLogger(__name__)
 
 
 class EmulatorError(ValueError):
@@ -39,19 +43,32 @@ def middle_layers(n_layers: int, bottom: int, top: int) -> list[int]:
     return list(range(bottom, n_layers - top))
 
 
-def select_layers(n_layers: int, bottom: int, top: int, keep_ratio: float) -> list[int]:
+def select_layers(
+    n_layers: int,
+    bottom: int,
+    top: int,
+    keep_ratio: float,
+    scores: Sequence[float] | None = None,
+) -> list[int]:
     """Full-model indices of the layers an emulator keeps, ascending.
 
     All of the bottom `bottom` and top `top` layers; of the M middle layers, k = round(keep * M)
-    (at least 2 when M >= 2, so the first and last middle layer always stay), the i-th kept one
-    being middle[round(i * (M - 1) / (k - 1))], rounding half up (Offsite-Tuning's uniform drop).
+    (at least 2 when M >= 2, so the first and last middle layer always stay). Without `scores`
+    the i-th kept one is middle[round(i * (M - 1) / (k - 1))], rounding half up
+    (Offsite-Tuning's uniform drop); with `scores` (one per layer of the full model, higher:
+    more important) the k most important middle layers, ties to the lower index.
     """
     if not 0.0 < keep_ratio <= 1.0:
         raise EmulatorError(f"keep ratio {keep_ratio} is outside (0, 1]")
     middle = middle_layers(n_layers, bottom, top)
     m = len(middle)
     k = min(m, max(2, int(keep_ratio * m + 0.5))) if m >= 2 else m
-    if k == m:
+    if scores is not None:
+        if len(scores) != n_layers:
+            raise EmulatorError(f"{len(scores)} layer scores for a model of {n_layers} layers")
+        ranked = sorted(middle, key=lambda i: (-scores[i], i))
+        kept = sorted(ranked[:k])
+    elif k == m:
         kept = middle
     elif k == 1:
         kept = middle[:1]
@@ -159,10 +176,12 @@ def build_emulator(
     bottom: int,
     top: int,
     wire_dtype: torch.dtype = torch.float16,
+    scores: Sequence[float] | None = None,
 ) -> Emulator:
-    """Drop middle layers of `full` (its weights are copied, never shared)."""
+    """Drop middle layers of `full` (its weights are copied, never shared); `scores` chooses
+    the kept middle layers by importance (`select_layers`)."""
     n = int(full.config.num_hidden_layers)
-    layers = select_layers(n, bottom, top, keep_ratio)
+    layers = select_layers(n, bottom, top, keep_ratio, scores)
     prefix = layer_prefix(full, n)
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.*)$")
     new_index = {full_idx: j for j, full_idx in enumerate(layers)}
@@ -327,6 +346,63 @@ def load_package(directory: Path, digest: str) -> Package:
         raise EmulatorError(
             f"emulator {digest[:12]} in the device cache was corrupt ({err}); dropped"
         ) from err
+    return pkg
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's config and every tensor in its own dtype: names the weights a
+    distilled emulator was derived from (a different conversion or checkpoint misses)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(config.to_json_string(use_diff=False).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_cached(pkg: Package, path: Path, key: str) -> None:
+    """Write a derived emulator (e.g. distilled) under its derivation `key`, atomically."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    meta = {k: json.dumps(v) for k, v in {**pkg.meta(), "key": key}.items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in pkg.state.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_cached(path: Path, key: str) -> Package | None:
+    """The emulator cached at `path` under `key`, or None when absent; a file that is corrupt
+    or was written for another key is deleted (and None returned), never trained on."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+        if meta.get("key") != key:
+            raise EmulatorError("written for another derivation")
+        pkg = Package(
+            meta["config"],
+            list(meta["layers"]),
+            float(meta["keep_ratio"]),
+            int(meta["bottom"]),
+            int(meta["top"]),
+            int(meta["n_full_layers"]),
+            state,
+            meta["digest"],
+        )
+        if content_hash(pkg.config_json, pkg.layers, pkg.state) != pkg.digest:
+            raise EmulatorError("content hash mismatch")
+    except Exception as err:  # unreadable, truncated or tampered: derive it again
+        log.warning("cached emulator %s is unusable (%s); deriving it again", path.name, err)
+        path.unlink(missing_ok=True)
+        return None
     return pkg
 
 

@@ -8,6 +8,7 @@ R (in + out) each, fit the budget: a 0/1 knapsack, solved exactly with `milp`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -114,3 +115,40 @@ def top_share(scores: Mapping[str, float], modules: Sequence[str], share: float)
     k = max(1, math.ceil(share * len(modules) - 1e-9))
     keep = set(sorted(modules, key=lambda m: -scores.get(m, 0.0))[:k])
     return [m for m in modules if m in keep]
+
+
+@torch.no_grad()
+def block_influence(
+    model: torch.nn.Module,
+    data: Sequence[Encoded],
+    batch_size: int,
+    n_batches: int,
+    pad_id: int,
+    device: torch.device,
+) -> list[float]:
+    """Block influence of each decoder layer (ShortGPT, Men et al. 2024): the mean over real
+    tokens of 1 - cos(h_in, h_out), the layer's input and output hidden states. A layer that
+    barely turns the residual stream can be dropped with the least damage."""
+    if not data:
+        raise ValueError("block influence needs calibration data")
+    model.eval()
+    totals: np.ndarray | None = None
+    count = 0.0
+    for i, chunk in enumerate(batches(data, batch_size)):
+        if i >= n_batches:
+            break
+        batch = collate(chunk, pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        base = getattr(model, "model", model)
+        hidden = base(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        m = mask.to(torch.float32)
+        values = []
+        for h_in, h_out in itertools.pairwise(hidden):
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
+            values.append(float(((1.0 - cos) * m).sum()))
+        # The last entry of hidden_states is after the final norm in HF Llama: the last layer's
+        # raw output is not exposed, so its influence is measured against the normed state.
+        totals = np.asarray(values) if totals is None else totals + np.asarray(values)
+        count += float(m.sum())
+    assert totals is not None
+    return (totals / max(count, 1.0)).tolist()

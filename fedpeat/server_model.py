@@ -4,7 +4,13 @@ builds, prices and packages for devices."""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -16,20 +22,26 @@ from fedpeat.config import (
     Config,
 )
 from fedpeat.cost import MiB, ModelShape, training_memory_bytes
-from fedpeat.data import encode, server_data, server_train_data
+from fedpeat.data import encode, eval_prompts, server_data, server_train_data
 from fedpeat.emulator import (
     Emulator,
     Package,
     adapter_region,
     build_emulator,
     layer_prefix,
+    load_cached,
+    model_digest,
     package,
     round_trip,
+    save_cached,
     select_layers,
     to_emulator_keys,
+    to_emulator_modules,
+    unpackage,
 )
 from fedpeat.full_ft import full_state, set_full_state, trainable_full_model
 from fedpeat.importance import (
+    block_influence,
     candidate_modules,
     choose_modules,
     importance_scores,
@@ -43,8 +55,21 @@ from fedpeat.lora import (
     lora_model,
     set_adapter_state,
 )
-from fedpeat.model import load_model, load_tokenizer, shape_of
-from fedpeat.train import EvalResult, TrainResult, evaluate_ppl, local_train, resolve_device
+from fedpeat.metrics import Scored, bootstrap, score
+from fedpeat.model import cache_dir, load_model, load_tokenizer, shape_of
+from fedpeat.train import (
+    EvalResult,
+    TrainResult,
+    evaluate_ppl,
+    generate_greedy,
+    local_train,
+    resolve_device,
+)
+
+log = logging.getLogger(__name__)
+
+DISTILL_VERSION = 2
+"""Bumped whenever the distillation code changes what it produces: old cache entries miss."""
 
 
 class ServerModel:
@@ -55,9 +80,21 @@ class ServerModel:
         self.device = resolve_device(cfg.train.device)
         self.tokenizer = load_tokenizer(cfg.model)
         self.pad_id = int(self.tokenizer.pad_token_id)
+        # Validation decides (best round, the controller's reward, retention); test reports.
         self.held_out = encode(server_data(cfg.data), self.tokenizer, cfg.data.max_length)
-        if not self.held_out:
-            raise ValueError("the server's held-out set is empty after tokenization")
+        test_rows = cfg.eval.test_samples or cfg.data.server_eval_samples
+        self.test_set = encode(
+            server_data(replace(cfg.data, server_eval_samples=test_rows), "test"),
+            self.tokenizer,
+            cfg.data.max_length,
+        )
+        if not self.held_out or not self.test_set:
+            raise ValueError("the server's validation or test set is empty after tokenization")
+        n_prompts = cfg.eval.prompts
+        self.prompts = {
+            split: eval_prompts(cfg.data, split, n_prompts) if cfg.eval.metrics else []
+            for split in ("validation", "test")
+        }
         self.train_data = encode(server_train_data(cfg.data), self.tokenizer, cfg.data.max_length)
         self.base = load_model(cfg.model, self.device)
         n_layers = int(self.base.config.num_hidden_layers)
@@ -86,6 +123,36 @@ class ServerModel:
         ]
         self._packages: dict[float, Package] = {}
         self.emulators: dict[float, Emulator] = {}
+        self.layer_scores: list[float] | None = None
+        if cfg.emulator.case != 3 and cfg.emulator.layer_choice == "importance":
+            self.layer_scores = block_influence(
+                self.base,
+                self.train_data or self.held_out,
+                cfg.train.batch_size,
+                cfg.planner.calibration_batches,
+                self.pad_id,
+                self.device,
+            )
+        self._model_digest = ""
+        self.check_protection()
+
+    def check_protection(self) -> None:
+        """Cases 1 and 2: every emulator a device may receive holds at most
+        `emulator.max_layer_share` of the decoder layers (adapter region included)."""
+        e = self.cfg.emulator
+        if e.case == 3:
+            return
+        n = self.full_shape.layers
+        levels = sorted({*e.levels, e.shared_level} if e.case == 2 else set(e.levels))
+        for level in levels:
+            held = len(select_layers(n, e.bottom, e.top, level, self.layer_scores))
+            if held > e.max_layer_share * n or held == n:
+                raise ValueError(
+                    f"emulator.levels: keep ratio {level} with emulator.bottom={e.bottom} and "
+                    f"emulator.top={e.top} holds {held} of the model's {n} decoder layers, above "
+                    f"emulator.max_layer_share={e.max_layer_share} ({int(e.max_layer_share * n)} "
+                    "layers): lower the level or the adapter region"
+                )
 
     # -- FedPipe: which matrices carry LoRA
 
@@ -151,11 +218,63 @@ class ServerModel:
         set_adapter_state(self.model, state)
         return self.model
 
-    def evaluate(self, state: AdapterState) -> EvalResult:
+    def _split(self, split: str) -> list[Any]:
+        return self.held_out if split == "validation" else self.test_set
+
+    def evaluate(self, state: AdapterState, split: str = "validation") -> EvalResult:
         model = self._load(state)
         return evaluate_ppl(
-            model, self.held_out, self.cfg.train.eval_batch_size, self.pad_id, self.device
+            model, self._split(split), self.cfg.train.eval_batch_size, self.pad_id, self.device
         )
+
+    def generate(self, model: torch.nn.Module, prompts: list[str]) -> list[str]:
+        """Greedy generations of `model` for `prompts` (text), decoded and stripped."""
+        ev = self.cfg.eval
+        ids = [self.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        eos = self.tokenizer.eos_token_id
+        out = generate_greedy(
+            model, ids, ev.max_new_tokens, ev.batch_size, self.pad_id, eos, self.device
+        )
+        texts = [str(self.tokenizer.decode(o, skip_special_tokens=True)).strip() for o in out]
+        return [t.split("\n")[0].strip() for t in texts] if ev.first_line else texts
+
+    def task_scores(
+        self, state: AdapterState, split: str = "validation", level: float | None = None
+    ) -> Scored | None:
+        """Task metrics (`eval.metrics`) of the plug-in model carrying `state`, or of the
+        emulator at `level` carrying it; None when no task metric is configured."""
+        items = self.prompts[split]
+        if not items:
+            return None
+        prompts = [p for p, _ in items]
+        if level is None:
+            hyps = self.generate(self._load(state), prompts)
+        else:
+            with self._emulator_with(level, state) as model:
+                hyps = self.generate(model, prompts)
+        return score(hyps, [refs for _, refs in items], self.cfg.eval.metrics)
+
+    def report(self, state: AdapterState, split: str, level: float | None = None) -> dict[str, Any]:
+        """Perplexity and task metrics of the plug-in (or the emulator at `level`) on `split`,
+        each with a bootstrap 95% interval over samples / prompts (`eval.bootstrap`)."""
+        ev = self.cfg.eval
+        if level is None:
+            ppl = self.evaluate(state, split)
+        else:
+            ppl = self.emulator_ppl(level, state, split)
+        out: dict[str, Any] = {"ppl": ppl.ppl, "samples": len(ppl.sample_nll)}
+        if ev.bootstrap:
+            out["ppl_ci"] = bootstrap(ppl.ppl_of, len(ppl.sample_nll), ev.bootstrap, self.cfg.seed)
+        scored = self.task_scores(state, split, level)
+        if scored is not None:
+            out["prompts"] = scored.n
+            for metric in self.cfg.eval.metrics:
+                out[metric] = scored.value(metric)
+                if ev.bootstrap:
+                    out[f"{metric}_ci"] = bootstrap(
+                        partial(scored.value, metric), scored.n, ev.bootstrap, self.cfg.seed
+                    )
+        return out
 
     def train(
         self, state: AdapterState, server_round: int
@@ -172,19 +291,62 @@ class ServerModel:
     # -- emulators
 
     def emulator(self, level: float) -> Emulator:
-        """The emulator at keep ratio `level`, built (and distilled if configured) once."""
+        """The emulator at keep ratio `level`, built once; distilled ones come from the disk
+        cache when this model, level, layer choice, recipe and data were distilled before."""
         if level not in self.emulators:
             e = self.cfg.emulator
             wire = getattr(torch, e.wire_dtype)
-            emulator = build_emulator(self.base, level, e.bottom, e.top, wire)
+            emulator = build_emulator(self.base, level, e.bottom, e.top, wire, self.layer_scores)
             if e.distill.enabled and len(emulator.layers) < emulator.n_full_layers:
-                from fedpeat.distill import distill
-
-                distill(emulator, self.base, self.train_data, e.distill, self.pad_id, self.device)
-                emulator.distilled = True
-                round_trip(emulator.model, wire)
+                emulator = self._distilled(emulator, wire)
             self.emulators[level] = emulator
         return self.emulators[level]
+
+    def distill_key(self, emulator: Emulator) -> str:
+        """What a distilled emulator derives from: the model's weights, the kept layers, the
+        recipe, the wire dtype and the distillation data (its token ids)."""
+        if not self._model_digest:
+            self._model_digest = model_digest(self.base)
+        data = hashlib.sha256(
+            json.dumps([[d.input_ids, d.labels] for d in self.train_data]).encode()
+        ).hexdigest()
+        e = self.cfg.emulator
+        recipe = {
+            "model": self._model_digest,
+            "layers": emulator.layers,
+            "bottom": e.bottom,
+            "top": e.top,
+            "distill": asdict(e.distill),
+            "wire": e.wire_dtype,
+            "data": data,
+            "version": DISTILL_VERSION,
+        }
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+    def _distilled(self, emulator: Emulator, wire: torch.dtype) -> Emulator:
+        from fedpeat.distill import distill
+
+        key = self.distill_key(emulator)
+        path = cache_dir() / "emulators" / f"{key[:32]}.safetensors"
+        cached = load_cached(path, key)
+        if cached is not None:
+            log.info("emulator keep=%.2f: distilled copy from the cache", emulator.keep_ratio)
+            hit = unpackage(cached, self.base.dtype, verify=False)
+            hit.model.to(self.device)  # type: ignore[arg-type]
+            hit.distilled = True
+            return hit
+        distill(
+            emulator,
+            self.base,
+            self.train_data,
+            self.cfg.emulator.distill,
+            self.pad_id,
+            self.device,
+        )
+        emulator.distilled = True
+        round_trip(emulator.model, wire)
+        save_cached(package(emulator, wire), path, key)
+        return emulator
 
     def package(self, level: float) -> Package:
         if level not in self._packages:
@@ -203,7 +365,7 @@ class ServerModel:
         if level is None:
             return full
         e = self.cfg.emulator
-        kept = set(select_layers(full.layers, e.bottom, e.top, level))
+        kept = set(select_layers(full.layers, e.bottom, e.top, level, self.layer_scores))
         dropped = sum(n for i, n in enumerate(self._layer_params) if i not in kept)
         dropped_linear = sum(n for i, n in enumerate(self._layer_linear) if i not in kept)
         return replace(
@@ -241,20 +403,33 @@ class ServerModel:
         )
         return need / MiB + self.cfg.planner.runtime_mb
 
-    def emulator_ppl(self, level: float, state: AdapterState | None = None) -> EvalResult:
-        """Perplexity of the emulator (+ adapter `state`) on the server's held-out data."""
+    @contextmanager
+    def _emulator_with(self, level: float, state: AdapterState | None) -> Iterator[Any]:
+        """The emulator at `level`, carrying `state` (full-model keys) while in the block."""
         emulator = self.emulator(level)
         model: torch.nn.Module = emulator.model
         if state is not None:
-            model = attach_lora(emulator.model, self.cfg.adapter, layers=emulator.adapter_layers)
+            adapter = self.adapter_cfg
+            if adapter.modules:  # explicit matrices carry full-model indices: this emulator's
+                adapter = replace(
+                    adapter, modules=to_emulator_modules(adapter.modules, emulator.layers)
+                )
+            model = attach_lora(emulator.model, adapter, layers=emulator.adapter_layers)
             set_adapter_state(model, to_emulator_keys(state, emulator.layers))
         try:
-            return evaluate_ppl(
-                model, self.held_out, self.cfg.train.eval_batch_size, self.pad_id, self.device
-            )
+            yield model
         finally:
             if isinstance(model, PeftModel):
                 model.unload()
+
+    def emulator_ppl(
+        self, level: float, state: AdapterState | None = None, split: str = "validation"
+    ) -> EvalResult:
+        """Perplexity of the emulator (+ adapter `state`) on the server's held-out data."""
+        with self._emulator_with(level, state) as model:
+            return evaluate_ppl(
+                model, self._split(split), self.cfg.train.eval_batch_size, self.pad_id, self.device
+            )
 
     def save_merged(self, state: AdapterState, directory: str) -> None:
         """Write the full model with `state` merged into its weights, plus the tokenizer: a

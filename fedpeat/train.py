@@ -7,7 +7,7 @@ import math
 import resource
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,15 @@ class EvalResult:
     ppl: float
     tokens: int
     seconds: float
+    sample_nll: list[float] = field(default_factory=list)
+    """Summed NLL of each sample (the bootstrap resamples samples)."""
+    sample_tokens: list[int] = field(default_factory=list)
+
+    def ppl_of(self, idx: Sequence[int] | np.ndarray) -> float:
+        """Perplexity over the samples `idx` (with repeats: a bootstrap resample)."""
+        nll = sum(self.sample_nll[i] for i in idx)
+        count = sum(self.sample_tokens[i] for i in idx)
+        return math.exp(min(nll / max(count, 1), 50.0))
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -149,23 +158,66 @@ def evaluate_ppl(
     if not data:
         raise ValueError("no evaluation samples")
     model.eval()
-    nll, count = 0.0, 0
+    sample_nll: list[float] = []
+    sample_tokens: list[int] = []
     start = time.perf_counter()
     for chunk in batches(data, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         shift_logits = logits[:, :-1].float()
         shift_labels = batch["labels"][:, 1:]
-        nll += float(
-            F.cross_entropy(
-                shift_logits.reshape(-1, shift_logits.size(-1)),
-                shift_labels.reshape(-1),
-                ignore_index=-100,
-                reduction="sum",
-            )
-        )
-        count += int((shift_labels != -100).sum())
-    loss = nll / max(count, 1)
+        token_nll = F.cross_entropy(
+            shift_logits.reshape(-1, shift_logits.size(-1)),
+            shift_labels.reshape(-1),
+            ignore_index=-100,
+            reduction="none",
+        ).view(shift_labels.shape)
+        sample_nll += token_nll.sum(1).tolist()
+        sample_tokens += (shift_labels != -100).sum(1).tolist()
+    count = sum(sample_tokens)
+    loss = sum(sample_nll) / max(count, 1)
     return EvalResult(
-        loss=loss, ppl=math.exp(min(loss, 50.0)), tokens=count, seconds=time.perf_counter() - start
+        loss=loss,
+        ppl=math.exp(min(loss, 50.0)),
+        tokens=count,
+        seconds=time.perf_counter() - start,
+        sample_nll=sample_nll,
+        sample_tokens=sample_tokens,
     )
+
+
+@torch.no_grad()
+def generate_greedy(
+    model: Any,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    pad_id: int,
+    eos_id: int | None,
+    device: torch.device,
+) -> list[list[int]]:
+    """Greedy continuations (new tokens only, up to the first EOS) of tokenized prompts.
+
+    Prompts are left-padded so every row's last prompt token sits at the same position; the KV
+    cache makes each new token one forward step of the batch.
+    """
+    model.eval()
+    out: list[list[int]] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [list(p) for p in prompts[start : start + batch_size]]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=device)
+        gen = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )
+        for row in gen[:, width:].tolist():
+            if eos_id is not None and eos_id in row:
+                row = row[: row.index(eos_id)]
+            out.append(row)
+    return out

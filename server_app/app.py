@@ -18,9 +18,9 @@ from fedpeat.model import describe, model_location
 from fedpeat.outputs import new_run_dir, plot_metrics, time_to_target, write_json_atomic
 from fedpeat.server_model import ServerModel
 from server_app.checkpoint import Checkpoint, open_resume, restore_rngs
-from server_app.recorder import RoundRecorder
+from server_app.recorder import RoundRecorder, gap_level
 from strategies.fedpeat_strategy import FedPEAT
-from strategies.round_stats import to_record
+from strategies.round_stats import RoundStats, to_record
 
 app = ServerApp()
 
@@ -121,6 +121,14 @@ def _run(
         server.save_merged(recorder.state, str(run_dir / "merged"))
     rows = recorder.metrics.rows
     plot_metrics(rows, run_dir)
+    log(INFO, "test split: base and final plug-in model%s", split_note(cfg))
+    level = gap_level(cfg, strategy.stats.get(cfg.rounds) or RoundStats())
+    base = server.report(server.initial_state, "test")
+    plugin = server.report(recorder.state, "test")
+    emulator = {} if level is None else server.report(recorder.state, "test", level)
+    test = {"base": base, "plugin": plugin, "emulator": emulator, "emulator_level": level}
+    write_json_atomic(run_dir / "test.json", test)
+    best = min(rows, key=lambda r: r["plugin_ppl"])
     summary = {
         "status": "completed",
         "experiment": cfg.experiment,
@@ -129,7 +137,14 @@ def _run(
         "rounds": cfg.rounds,
         "zero_shot_ppl": rows[0]["plugin_ppl"],
         "final_plugin_ppl": rows[-1]["plugin_ppl"],
-        "best_plugin_ppl": min(r["plugin_ppl"] for r in rows),
+        "best_plugin_ppl": best["plugin_ppl"],
+        "best_round": best["round"],
+        "test_base_ppl": base["ppl"],
+        "test_plugin_ppl": plugin["ppl"],
+        "test_plugin_ppl_ci": plugin.get("ppl_ci"),
+        "test_emulator_ppl": emulator.get("ppl"),
+        **{f"test_{m}": plugin.get(m) for m in cfg.eval.metrics},
+        **{f"test_emulator_{m}": emulator.get(m) for m in cfg.eval.metrics if emulator},
         "bytes_down_total": sum(r.get("bytes_down", 0) for r in rows),
         "bytes_up_total": sum(r.get("bytes_up", 0) for r in rows),
         "rejected_total": sum(len(r.get("rejected", [])) for r in rows),
@@ -141,6 +156,7 @@ def _run(
         "modelled_latency_total_s": sum(r.get("latency_s") or 0.0 for r in rows),
         "reward_total": sum(r.get("reward") or 0.0 for r in rows),
         "emulator_case": cfg.emulator.case,
+        **held_share(server, level),
         "final_emulator_ppl": rows[-1].get("emulator_ppl"),
         "wall_s": time.perf_counter() - start,
         "run_dir": str(run_dir),
@@ -148,10 +164,29 @@ def _run(
     write_json_atomic(run_dir / "summary.json", summary)
     log(
         INFO,
-        "done: plug-in ppl %.2f -> %.2f in %d rounds, %.0fs; results in %s",
+        "done: plug-in ppl %.2f -> %.2f in %d rounds (test: %.2f -> %.2f%s), %.0fs; results in %s",
         summary["zero_shot_ppl"],
         summary["final_plugin_ppl"],
         cfg.rounds,
+        base["ppl"],
+        plugin["ppl"],
+        "".join(f", {m} {base.get(m, 0):.1f} -> {plugin.get(m, 0):.1f}" for m in cfg.eval.metrics),
         summary["wall_s"],
         run_dir,
     )
+
+
+def held_share(server: ServerModel, level: float | None) -> dict[str, float]:
+    """The share of the full model's decoder layers and parameters a device held (the
+    emulator at `level`; None: the full model, case 3)."""
+    full, held = server.full_shape, server.emulator_shape(level)
+    return {
+        "device_layers_share": held.layers / full.layers,
+        "device_params_share": held.params / full.params,
+    }
+
+
+def split_note(cfg: Config) -> str:
+    if not cfg.eval.metrics:
+        return ""
+    return f" ({', '.join(cfg.eval.metrics)} on up to {cfg.eval.prompts or 'all'} prompts)"

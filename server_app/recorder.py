@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord
@@ -17,6 +18,17 @@ from fedpeat.server_model import ServerModel
 from server_app.checkpoint import save_checkpoint
 from strategies.fedpeat_strategy import FedPEAT
 from strategies.round_stats import RoundStats, from_record
+
+
+def gap_level(cfg: Config, stats: RoundStats) -> float | None:
+    """The emulator level whose gap a round reports: the one most devices trained on (ties: the
+    larger, the closer to the plug-in); case 2's shared level in round 0; None in case 3."""
+    if cfg.emulator.case == 3:
+        return None
+    levels = [d.level for d in stats.devices.values() if d.status == "ok" and d.level < 1.0]
+    if not levels:
+        return cfg.emulator.shared_level if cfg.emulator.case == 2 else min(cfg.emulator.levels)
+    return max(set(levels), key=lambda lv: (levels.count(lv), lv))
 
 
 class RoundRecorder:
@@ -38,15 +50,18 @@ class RoundRecorder:
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.state = from_record(arrays)
+        began = time.perf_counter()
         result = self.server.evaluate(self.state)
         stats = self.strategy.end_round(server_round, result.ppl)
+        checks = self._checks(server_round, stats, result.ppl)
         elapsed = time.perf_counter() - self.start
         row = {
             "round": server_round,
             "plugin_ppl": result.ppl,
             "plugin_loss": result.loss,
+            **checks,
             **stats.as_row(),
-            "eval_s": result.seconds,
+            "eval_s": time.perf_counter() - began,
             "elapsed_s": elapsed,
         }
         self.metrics.append(row)
@@ -62,6 +77,27 @@ class RoundRecorder:
         self._progress(server_round, result.ppl, stats, elapsed)
         return MetricRecord({"plugin_ppl": result.ppl})
 
+    def _checks(self, server_round: int, stats: RoundStats, plugin_ppl: float) -> dict[str, Any]:
+        """Validation figures beyond the plug-in perplexity: task metrics (every `eval.every`
+        rounds, round 0 and the last) and the emulator-vs-plug-in gap (Offsite-Tuning's
+        criterion) for the emulator most devices trained on this round."""
+        ev = self.cfg.eval
+        out: dict[str, Any] = {}
+        if ev.metrics and (server_round % ev.every == 0 or server_round == self.rounds):
+            scored = self.server.task_scores(self.state)
+            if scored is not None:
+                out["task"] = {m: scored.value(m) for m in ev.metrics}
+        level = gap_level(self.cfg, stats)
+        if ev.emulator_gap and level is not None:
+            emu = self.server.emulator_ppl(level, self.state)
+            out["gap"] = {
+                "level": level,
+                "emulator_ppl": emu.ppl,
+                "plugin_ppl": plugin_ppl,
+                "ratio": emu.ppl / plugin_ppl,
+            }
+        return out
+
     def _progress(self, server_round: int, ppl: float, stats: RoundStats, elapsed: float) -> None:
         zero = self.metrics.rows[0]["plugin_ppl"]
         eta = (
@@ -70,14 +106,17 @@ class RoundRecorder:
         bar = "#" * server_round + "." * (self.rounds - server_round)
         log(
             INFO,
-            "[%s] round %d/%d  plug-in ppl %.2f (round 0: %.2f)  emulator ppl %s  devices %d/%d  "
-            "train loss %s  elapsed %.0fs  eta %s",
+            "[%s] round %d/%d  plug-in ppl %.2f (round 0: %.2f)%s  emulator ppl %s  "
+            "devices %d/%d  train loss %s  elapsed %.0fs  eta %s",
             bar,
             server_round,
             self.rounds,
             ppl,
             zero,
-            "-" if stats.emulator_ppl is None else f"{stats.emulator_ppl:.2f}",
+            "".join(f"  {k} {v:.1f}" for k, v in self.metrics.rows[-1].get("task", {}).items()),
+            "-"
+            if "gap" not in self.metrics.rows[-1]
+            else f"{self.metrics.rows[-1]['gap']['emulator_ppl']:.2f}",
             stats.num_clients,
             stats.num_sampled,
             "-" if stats.train_loss is None else f"{stats.train_loss:.3f}",

@@ -1,8 +1,9 @@
 """Perplexity-retention curve: how much each emulator level keeps of the full model.
 
-For every level in `emulator.levels` (and, with `--distill`, also distilled): emulator
-perplexity on the server's held-out data, its size on the wire in bytes, and its parameter
-count, next to the full model's. Writes `<out>/retention.json` and `<out>/retention.png`.
+For every level in `emulator.levels`, undistilled and (with `--distill`, or when the config
+distils, as the default does) distilled: emulator perplexity on the server's validation split,
+its size on the wire in bytes, and its parameter count, next to the full model's.
+Writes `<out>/retention.json` and `<out>/retention.png`.
 
     python -m fedpeat.cli.retention --out runs/retention                 # default model and data
     python -m fedpeat.cli.retention --distill --overrides "emulator.distill.steps=200"
@@ -48,7 +49,8 @@ def retention_curve(overrides: str = "", distill: bool = False) -> dict[str, Any
             "full_model": True,
         }
     )
-    variants = [False, True] if distill else [False]
+    configured = cfg.emulator.distill.enabled  # the default emulators are distilled
+    variants = [False, True] if distill or configured else [False]
     for distilled in variants:
         cfg.emulator.distill.enabled = distilled
         server.emulators.clear()
@@ -80,7 +82,8 @@ def retention_curve(overrides: str = "", distill: bool = False) -> dict[str, Any
         "model": cfg.model.name,
         "data": cfg.data.name,
         "held_out_samples": len(server.held_out),
-        "distill_steps": cfg.emulator.distill.steps if distill else 0,
+        "distill_steps": cfg.emulator.distill.steps if distill or configured else 0,
+        "configured_distilled": configured,
         "bottom": cfg.emulator.bottom,
         "top": cfg.emulator.top,
         "rows": rows,
@@ -89,10 +92,12 @@ def retention_curve(overrides: str = "", distill: bool = False) -> dict[str, Any
 
 def curve_yaml(curve: dict[str, Any]) -> str:
     """The curve as `conf/controller/common.yaml` holds it (`curve_model`, `ppl_full`, one point
-    per undistilled level: keep, ppl, bytes, params, need_mb), to paste there."""
+    per level of the emulators the config hands out, distilled or not: keep, ppl, bytes,
+    params, need_mb), to paste there."""
     full = next(r for r in curve["rows"] if r["full_model"])
+    distilled = bool(curve.get("configured_distilled", False))
     points = sorted(
-        (r for r in curve["rows"] if not r["full_model"] and not r["distilled"]),
+        (r for r in curve["rows"] if not r["full_model"] and r["distilled"] == distilled),
         key=lambda r: -r["level"],
     )
     lines = [f"curve_model: {curve['model']}", f"ppl_full: {full['ppl']:.2f}", "curve:"]

@@ -146,7 +146,7 @@ class ControllerConfig:
     name: str = "none"
     """`none`: every sampled device, level by emulator.case; `fixed`, `random`, `greedy`, `ppo`
     choose per round who takes part and at which level (needs emulator.case=1)."""
-    fixed_level: float = 0.5
+    fixed_level: float = 0.4
     """`fixed`: the level every device gets."""
     greedy_fraction: float = 0.5
     """`greedy`: share of devices (best channels first) that take part."""

@@ -11,6 +11,7 @@ from fedpeat.config.sections import (
     DataConfig,
     DevicesConfig,
     EmulatorConfig,
+    EvalConfig,
     ModelConfig,
     PartitionConfig,
     PrivacyConfig,
@@ -39,6 +40,7 @@ class Config:
     export_merged: bool = True
     """Also write `merged/`: the full model with the adapter merged in (plain transformers)."""
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     resume: str = ""
     """A run directory whose checkpoint to continue from (its config must match but for
     `rounds`); the run goes on in that directory."""
@@ -55,6 +57,13 @@ class Config:
         self.privacy.check()
         self.emulator.check()
         self.devices.check()
+        self.eval.check()
+        if self.eval.metrics and (self.data.source == "shakespeare" or self.data.text_field):
+            raise ConfigError(
+                f"eval.metrics={self.eval.metrics} need prompt/response data to generate from; "
+                f"data={self.data.name} is plain text. Set eval.metrics=[] or use "
+                "data.prompt_field/response_field"
+            )
         self.planner.check()
         self.controller.check(self.emulator.levels)
         self._check_privacy()

@@ -22,6 +22,8 @@ EMULATOR_CASES = (1, 2, 3)
 WIRE_DTYPES = ("float16", "float32")
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+DISTILL_LOSSES = ("hidden", "layerwise", "kd")
+LAYER_CHOICES = ("uniform", "importance")
 
 
 @dataclass
@@ -29,7 +31,7 @@ class TinyModelConfig:
     """A small Llama with random weights; it borrows the default model's tokenizer."""
 
     hidden_size: int = 64
-    num_layers: int = 8
+    num_layers: int = 12
     num_heads: int = 4
     intermediate_size: int = 128
     max_position_embeddings: int = 512
@@ -167,7 +169,15 @@ class AdapterConfig:
     """LoRA scale is alpha / r; the planner keeps that scale when it changes a device's rank."""
     dropout: float = 0.0
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"]
+        default_factory=lambda: [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
     )
     """Projection names that carry LoRA in every adapter layer (when `modules` is empty)."""
     modules: list[str] = field(default_factory=list)
@@ -214,16 +224,25 @@ class TrainConfig:
 
 @dataclass
 class DistillConfig:
-    """Distil the emulator's middle block to the full model's hidden states (Offsite-Tuning)."""
+    """Distil the emulator's middle block to the full model's hidden states (Offsite-Tuning);
+    done once per (model, level, layers, recipe, data) and cached on disk."""
 
-    enabled: bool = False
-    steps: int = 200
-    lr: float = 1e-4
+    enabled: bool = True
+    steps: int = 100
+    lr: float = 3e-4
     batch_size: int = 4
     samples: int = 256
     """Server training samples used as distillation data."""
+    loss: str = "layerwise"
+    """`hidden` (the middle block's output, Offsite-Tuning), `layerwise` (every kept middle
+    layer), `kd` (output distribution), or a `+` of them, e.g. `layerwise+kd`."""
 
     def check(self) -> None:
+        parts = self.loss.split("+")
+        for part in parts:
+            check_choice("emulator.distill.loss", part, DISTILL_LOSSES)
+        if "hidden" in parts and "layerwise" in parts:
+            raise ConfigError("emulator.distill.loss: `layerwise` already includes `hidden`")
         check_range("emulator.distill.steps", self.steps, 1)
         check_range("emulator.distill.lr", self.lr, 0.0, lo_open=True)
         check_range("emulator.distill.batch_size", self.batch_size, 1)
@@ -237,9 +256,9 @@ class EmulatorConfig:
     case: int = 1
     """1: each device gets a level chosen for it; 2: one shared emulator; 3: no emulator (the
     devices train on the full model: plain federated LoRA)."""
-    levels: list[float] = field(default_factory=lambda: [1.0, 0.75, 0.5, 0.25])
+    levels: list[float] = field(default_factory=lambda: [0.4, 0.3, 0.2])
     """Keep ratios of the middle layers that emulators may have (case 1)."""
-    shared_level: float = 0.5
+    shared_level: float = 0.4
     """Keep ratio of the one emulator in case 2."""
     bottom: int = 2
     """Bottom layers kept whole: the lower half of the adapter region."""
@@ -247,16 +266,35 @@ class EmulatorConfig:
     """Top layers kept whole: the upper half of the adapter region."""
     wire_dtype: str = "float16"
     """Dtype emulator weights travel and are cached in (bf16 cannot become numpy)."""
+    layer_choice: str = "uniform"
+    """Which middle layers an emulator keeps: `uniform` (evenly spaced, Offsite-Tuning) or
+    `importance` (the highest block influence on the server's data, ShortGPT's measure)."""
+    max_layer_share: float = 0.5
+    """Cases 1 and 2: an emulator may hold at most this share of the full model's decoder
+    layers, adapter region included (checked on the loaded model before any round)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> None:
         check_choice("emulator.case", self.case, EMULATOR_CASES)
         check_choice("emulator.wire_dtype", self.wire_dtype, WIRE_DTYPES)
+        check_choice("emulator.layer_choice", self.layer_choice, LAYER_CHOICES)
+        check_range("emulator.max_layer_share", self.max_layer_share, 0.0, 1.0, lo_open=True)
         if not self.levels:
             raise ConfigError("emulator.levels is empty; give at least one keep ratio, e.g. [0.5]")
         for i, level in enumerate(self.levels):
             check_range(f"emulator.levels[{i}]", level, 0.0, 1.0, lo_open=True)
         check_range("emulator.shared_level", self.shared_level, 0.0, 1.0, lo_open=True)
+        if self.case != 3:
+            # Protection: in cases 1 and 2 no device may receive the whole model.
+            full = [f"emulator.levels[{i}]" for i, lv in enumerate(self.levels) if lv >= 1.0]
+            if self.case == 2 and self.shared_level >= 1.0:
+                full.append("emulator.shared_level")
+            if full:
+                raise ConfigError(
+                    f"{', '.join(full)} = 1.0 keeps every layer: the device would receive the "
+                    f"whole model, which emulator.case={self.case} exists to prevent; use keep "
+                    "ratios below 1.0, or emulator=none (case 3) to send the full model"
+                )
         check_range("emulator.bottom", self.bottom, 0)
         check_range("emulator.top", self.top, 0)
         if self.case != 3 and self.bottom + self.top == 0:
@@ -264,6 +302,46 @@ class EmulatorConfig:
                 "emulator.bottom + emulator.top is 0: the adapter region would be empty"
             )
         self.distill.check()
+
+
+TASK_METRICS = ("bleu", "rouge_l", "exact_match")
+
+
+@dataclass
+class EvalConfig:
+    """What the server measures besides perplexity. Task metrics generate greedily from the
+    held-out prompts and score against every reference of each prompt (prompt/response data)."""
+
+    metrics: list[str] = field(default_factory=list)
+    """Task metrics: `bleu`, `rouge_l` (E2E-style descriptions), `exact_match` (GSM8K-style
+    `#### <answer>`); empty: perplexity only (the default run: Shakespeare has no prompts)."""
+    prompts: int = 0
+    """Held-out prompts to generate for, per split (0: every prompt of the split)."""
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    first_line: bool = False
+    """Score only a generation's first line (one-line responses such as E2E's descriptions: the
+    base model does not stop on its own)."""
+    test_samples: int = 0
+    """Rows of the test split for the reported perplexity (0: data.server_eval_samples, the
+    size of each round's validation); larger sets give narrower intervals, once per run."""
+    every: int = 1
+    """Rounds between task evaluations on the validation split (round 0 and the last always)."""
+    bootstrap: int = 1000
+    """Resamples of the test prompts for the 95% interval in summary.json (0: none)."""
+    emulator_gap: bool = True
+    """Each round, also evaluate the emulator carrying the new global adapter on the same
+    validation data (Offsite-Tuning's criterion: it must score clearly below the plug-in)."""
+
+    def check(self) -> None:
+        for i, name in enumerate(self.metrics):
+            check_choice(f"eval.metrics[{i}]", name, TASK_METRICS)
+        check_range("eval.prompts", self.prompts, 0)
+        check_range("eval.max_new_tokens", self.max_new_tokens, 1)
+        check_range("eval.batch_size", self.batch_size, 1)
+        check_range("eval.every", self.every, 1)
+        check_range("eval.test_samples", self.test_samples, 0)
+        check_range("eval.bootstrap", self.bootstrap, 0)
 
 
 @dataclass
@@ -296,6 +374,9 @@ class DevicesConfig:
     """Profiles of simulated devices; device i gets profiles[i % len(profiles)]."""
 
     profiles: list[DeviceProfile] = field(default_factory=lambda: [DeviceProfile()])
+    server_gflops: float = 200.0
+    """The server's sustained throughput in GFLOP/s: its own training and evaluation are part of
+    every round's modelled time."""
     from_nodes: bool = False
     """Deployment: a node's budget is the memory it detects (capped by its node config
     memory-mb); `profiles` only fill link figures a node does not report, recorded as assumed.
@@ -304,6 +385,7 @@ class DevicesConfig:
     def check(self) -> None:
         if not self.profiles:
             raise ConfigError("devices.profiles is empty; give at least one device profile")
+        check_range("devices.server_gflops", self.server_gflops, 0.0, lo_open=True)
         for i, prof in enumerate(self.profiles):
             prof.check(f"devices.profiles[{i}]")
 

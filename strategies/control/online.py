@@ -66,6 +66,9 @@ class OnlineControl:
         self.ppl_ratio = 1.0
         self.pending: Transition | None = None
         self.history: list[Transition] = []
+        self.server_s = 0.0
+        """The server's own compute per round (`fedpeat.cost.server_compute_s`), set by the
+        strategy, which knows the model's size."""
 
     # ------------------------------------------------------------------ set-up
 
@@ -147,6 +150,7 @@ class OnlineControl:
             self._tokens,
             check_memory=False,
             full_finetune=self.full_finetune,
+            server_s=self.server_s,
         )
         outcome.memory_violations += violations
         self.pending = Transition(dict(zip(self.nodes, action, strict=True)), outcome)

@@ -1,0 +1,201 @@
+"""Does emulator-assisted tuning transfer? The same rounds and local steps for every row, the
+server's own training off so every gain is the devices', measured on the test split.
+
+Rows, per data set (E2E when ../shared/data/e2e is present, and Shakespeare):
+
+  base          the model before tuning (round 0 of the case-3 run, test split)
+  case3         federated LoRA on every layer of the full model (emulator=none)
+  region        the full model with FedPEAT's adapter (the adapter region's matrices only)
+  undistilled   FedPEAT with the default emulators but not distilled
+  fedpeat       FedPEAT with the default emulators
+  server        the server alone: its own data, no devices, same steps per round
+  centralised   one LoRA with FedPEAT's adapter on the pooled device data, as many steps as
+                all devices took together
+
+Columns: test perplexity, BLEU and ROUGE-L (E2E), each with a bootstrap 95% interval over test
+samples / prompts; the share of the model's layers and parameters a device held; bytes sent; the
+emulator-vs-plug-in gap (Offsite-Tuning's criterion: the emulator must score clearly below).
+Writes bench/results/transfer.{md,json}; runs go to runs/bench/ (`--reuse` keeps finished ones).
+
+    python -m bench.transfer [--data e2e,shakespeare] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, machine, write_json, write_md
+from bench.federated import Spec, execute
+
+E2E = Path("../shared/data/e2e/dev.jsonl")
+DEVICES = 6
+COMMON = "strategy.server_train=false eval.every=100"
+DATA = {"e2e": "experiment=e2e", "shakespeare": "eval.test_samples=240"}
+ROWS = {
+    "case3": "emulator=none",
+    "region": "emulator=none",  # + adapter.modules: the adapter region's matrices
+    "undistilled": "emulator.distill.enabled=false",
+    "fedpeat": "",
+}
+
+
+def region_modules(overrides: str) -> str:
+    """`adapter.modules=[...]`: the default adapter's projections on the adapter region only."""
+    from fedpeat.config import compose
+    from fedpeat.emulator import adapter_region
+    from fedpeat.model import load_model
+
+    cfg = compose(overrides)
+    n = int(load_model(cfg.model).config.num_hidden_layers)
+    layers = adapter_region(n, cfg.emulator.bottom, cfg.emulator.top)
+    mods = [f"layers.{i}.{m}" for i in layers for m in _paths(cfg.adapter.target_modules)]
+    return "adapter.modules=[" + ",".join(mods) + "]"
+
+
+def _paths(projections: list[str]) -> list[str]:
+    attn = {"q_proj", "k_proj", "v_proj", "o_proj"}
+    return [f"self_attn.{p}" if p in attn else f"mlp.{p}" for p in projections]
+
+
+def own_training(overrides: str, pooled: bool) -> dict[str, Any]:
+    """The server alone (`pooled=False`: its own data, rounds x local steps) or centralised
+    LoRA on the pooled device data (as many steps as all devices took), FedPEAT's adapter."""
+    from fedpeat.config import compose, resolve_paths
+    from fedpeat.data import device_data, encode
+    from fedpeat.server_model import ServerModel
+
+    cfg = resolve_paths(compose(overrides), Path.cwd())
+    t = cfg.train
+    steps = t.local_steps * (cfg.rounds * DEVICES if pooled else 1)
+    cfg = replace(cfg, train=replace(t, local_steps=steps))
+    server = ServerModel(cfg)
+    if pooled:
+        data = [
+            s
+            for i in range(DEVICES)
+            for s in device_data(cfg.data, cfg.partition, i, DEVICES).train
+        ]
+        server.train_data = encode(data, server.tokenizer, cfg.data.max_length)
+    began = time.perf_counter()
+    state = server.initial_state
+    for r in range(1 if pooled else cfg.rounds):
+        state, _, _ = server.train(state, r + 1)
+    return {
+        "test": {"plugin": server.report(state, "test")},
+        "summary": {"bytes_total": 0},  # no device holds anything
+        "steps": steps if pooled else steps * cfg.rounds,
+        "wall_s": time.perf_counter() - began,
+    }
+
+
+def run_rows(data: str, reuse: bool) -> dict[str, Any]:
+    base = f"{DATA[data]} {COMMON}".strip()
+    out: dict[str, Any] = {}
+    for name, extra in ROWS.items():
+        overrides = f"{base} {extra}".strip()
+        if name == "region":
+            overrides += " " + region_modules(f"{base} emulator=per_device")
+        began = time.perf_counter()
+        run_dir = execute(Spec(f"transfer-{data}-{name}", name, overrides, 42), DEVICES, reuse)
+        out[name] = {
+            "overrides": overrides,
+            "summary": json.loads((run_dir / "summary.json").read_text()),
+            "test": json.loads((run_dir / "test.json").read_text()),
+            "wall_s": time.perf_counter() - began,
+        }
+        print(f"{data} {name}: {_line(out[name])}", flush=True)
+    out["base"] = {"test": {"plugin": out["case3"]["test"]["base"]}, "summary": {}}
+    for name, pooled in (("server", False), ("centralised", True)):
+        out[name] = own_training(f"{base} strategy.server_train=true", pooled)
+        print(f"{data} {name}: {_line(out[name])}", flush=True)
+    return out
+
+
+def _line(row: dict[str, Any]) -> str:
+    p = row["test"]["plugin"]
+    return " ".join(f"{k} {p[k]:.2f}" for k in ("ppl", "bleu", "rouge_l") if k in p)
+
+
+def _cell(p: dict[str, Any], key: str) -> str:
+    if key not in p:
+        return "-"
+    lo, hi = p.get(f"{key}_ci") or (float("nan"), float("nan"))
+    return f"{p[key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+
+ORDER = ["base", "case3", "region", "undistilled", "fedpeat", "server", "centralised"]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = [
+        "# Transfer: does training on an emulator improve the full model?",
+        "",
+        f"`python -m bench.transfer` on {results['machine']}. {results['rounds']} rounds, "
+        f"{DEVICES} devices, the default local steps, `{COMMON}` (the server does not train, so "
+        "every gain is the devices'); figures on the test split with bootstrap 95% intervals. "
+        "Decisions (the default emulator recipe) were made on the validation split.",
+    ]
+    for data, rows in results["data"].items():
+        lines += [
+            "",
+            f"## {data}",
+            "",
+            "| row | test ppl | BLEU | ROUGE-L | layers held | params held | MB sent | "
+            "emulator ppl / BLEU (gap) |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name in ORDER:
+            row = rows[name]
+            p, s = row["test"]["plugin"], row["summary"]
+            emu = row["test"].get("emulator") or {}
+            gap = "-" if not emu else f"{emu['ppl']:.2f} / {emu.get('bleu', float('nan')):.2f}"
+            layers = s.get("device_layers_share")
+            params = s.get("device_params_share")
+            lines.append(
+                f"| {name} | {_cell(p, 'ppl')} | {_cell(p, 'bleu')} | {_cell(p, 'rouge_l')} | "
+                f"{'-' if layers is None else f'{layers:.2f}'} | "
+                f"{'-' if params is None else f'{params:.2f}'} | "
+                f"{s.get('bytes_total', 0) / 1e6:.1f} | {gap} |"
+            )
+        lines += ["", *ratios(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def ratios(rows: dict[str, Any]) -> list[str]:
+    """FedPEAT against case 3: BLEU share, and share of the perplexity reduction."""
+    base, c3, fp = (rows[k]["test"]["plugin"] for k in ("base", "case3", "fedpeat"))
+    out = []
+    if "bleu" in c3:
+        out.append(f"- FedPEAT BLEU / case-3 BLEU: {fp['bleu'] / c3['bleu']:.2f} (target 0.90)")
+    cut = (base["ppl"] - fp["ppl"]) / (base["ppl"] - c3["ppl"])
+    out.append(f"- FedPEAT perplexity reduction / case 3's: {cut:.2f} (target 0.80)")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", default="e2e,shakespeare")
+    parser.add_argument("--reuse", action="store_true")
+    args = parser.parse_args()
+    from fedpeat.config import compose
+
+    results: dict[str, Any] = {"machine": machine(), "rounds": compose("").rounds, "data": {}}
+    for data in args.data.split(","):
+        if data == "e2e" and not E2E.is_file():
+            print(f"skipping e2e: {E2E} is absent")
+            continue
+        results["data"][data] = run_rows(data, args.reuse)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json("transfer.json", results)
+    write_md("transfer.md", markdown(results))
+
+
+if __name__ == "__main__":
+    main()
