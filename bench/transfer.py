@@ -30,12 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import RESULTS, machine, write_json, write_md
-from bench.federated import Spec, execute
+from bench.federated import RUNS_DIR, Spec, execute
 
 E2E = Path("../shared/data/e2e/dev.jsonl")
 DEVICES = 6
 COMMON = "strategy.server_train=false eval.every=100"
-DATA = {"e2e": "experiment=e2e", "shakespeare": "eval.test_samples=240"}
+DATA = {"e2e": "experiment=e2e eval.test_samples=200", "shakespeare": "eval.test_samples=240"}
 ROWS = {
     "case3": "emulator=none",
     "region": "emulator=none",  # + adapter.modules: the adapter region's matrices
@@ -93,14 +93,23 @@ def own_training(overrides: str, pooled: bool) -> dict[str, Any]:
     }
 
 
-def run_rows(data: str, reuse: bool) -> dict[str, Any]:
+def run_rows(
+    data: str, reuse: bool, report_only: bool = False, only: list[str] | None = None
+) -> dict[str, Any]:
+    """The rows of `data` (`only`: those named); `report_only`: only the federated rows
+    already run (no new work)."""
     base = f"{DATA[data]} {COMMON}".strip()
     out: dict[str, Any] = {}
     for name, extra in ROWS.items():
+        finished = (RUNS_DIR / f"transfer-{data}-{name}" / "summary.json").is_file()
+        if only and name not in only and not finished:
+            continue
         overrides = f"{base} {extra}".strip()
         if name == "region":
             overrides += " " + region_modules(f"{base} emulator=per_device")
         began = time.perf_counter()
+        if report_only and not finished:
+            continue
         run_dir = execute(Spec(f"transfer-{data}-{name}", name, overrides, 42), DEVICES, reuse)
         out[name] = {
             "overrides": overrides,
@@ -109,8 +118,13 @@ def run_rows(data: str, reuse: bool) -> dict[str, Any]:
             "wall_s": time.perf_counter() - began,
         }
         print(f"{data} {name}: {_line(out[name])}", flush=True)
-    out["base"] = {"test": {"plugin": out["case3"]["test"]["base"]}, "summary": {}}
+    if "case3" in out:
+        out["base"] = {"test": {"plugin": out["case3"]["test"]["base"]}, "summary": {}}
+    if report_only:
+        return out
     for name, pooled in (("server", False), ("centralised", True)):
+        if only and name not in only:
+            continue
         out[name] = own_training(f"{base} strategy.server_train=true", pooled)
         print(f"{data} {name}: {_line(out[name])}", flush=True)
     return out
@@ -150,6 +164,9 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for name in ORDER:
+            if name not in rows:
+                lines.append(f"| {name} | not run | | | | | | |")
+                continue
             row = rows[name]
             p, s = row["test"]["plugin"], row["summary"]
             emu = row["test"].get("emulator") or {}
@@ -168,6 +185,8 @@ def markdown(results: dict[str, Any]) -> str:
 
 def ratios(rows: dict[str, Any]) -> list[str]:
     """FedPEAT against case 3: BLEU share, and share of the perplexity reduction."""
+    if not all(k in rows for k in ("base", "case3", "fedpeat")):
+        return ["- FedPEAT or case 3 not run: no ratio"]
     base, c3, fp = (rows[k]["test"]["plugin"] for k in ("base", "case3", "fedpeat"))
     out = []
     if "bleu" in c3:
@@ -183,6 +202,12 @@ def main() -> None:
     )
     parser.add_argument("--data", default="e2e,shakespeare")
     parser.add_argument("--reuse", action="store_true")
+    parser.add_argument("--rows", default="", help="comma-separated rows to run (default: all)")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the tables from the federated runs already under runs/bench (no new runs)",
+    )
     args = parser.parse_args()
     from fedpeat.config import compose
 
@@ -191,7 +216,12 @@ def main() -> None:
         if data == "e2e" and not E2E.is_file():
             print(f"skipping e2e: {E2E} is absent")
             continue
-        results["data"][data] = run_rows(data, args.reuse)
+        results["data"][data] = run_rows(
+            data,
+            args.reuse or args.report_only,
+            args.report_only,
+            [r for r in args.rows.split(",") if r],
+        )
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json("transfer.json", results)
     write_md("transfer.md", markdown(results))

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fedpeat.config import DeviceProfile
+from fedpeat.config import Config, DeviceProfile
 
 MiB = 2**20
 
@@ -155,6 +155,16 @@ def server_compute_s(train_tokens: float, eval_tokens: float, params: int, flops
     """Seconds of the server's own work in a round on the full model of `params` parameters:
     its LoRA training step (4N per token) and its evaluations (forward only, 2N per token)."""
     return (4.0 * train_tokens + 2.0 * eval_tokens) * params / flops
+
+
+def server_seconds(cfg: Config, params: int) -> float:
+    """The server's modelled compute per round for `cfg`: its training step (when it trains)
+    and its evaluations of the plug-in model (and of an emulator, for the gap) on validation."""
+    d, t = cfg.data, cfg.train
+    train_tokens = t.local_steps * t.batch_size * d.max_length if cfg.strategy.server_train else 0
+    evals = 2 if cfg.eval.emulator_gap and cfg.emulator.case != 3 else 1
+    eval_tokens = evals * d.server_eval_samples * d.max_length
+    return server_compute_s(train_tokens, eval_tokens, params, cfg.devices.server_gflops * 1e9)
 
 
 # --------------------------------------------------------------------------- a round

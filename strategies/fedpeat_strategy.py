@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from fedpeat.config import Config
-from fedpeat.cost import server_compute_s
+from fedpeat.cost import server_seconds
 from fedpeat.lora import state_shapes
 from fedpeat.protocol import (
     ADAPTER_KEY,
@@ -59,16 +59,6 @@ from strategies.round_stats import (
 from strategies.screening import Accepted, accept_replies, lost_emulator, screen_norms
 
 
-def server_seconds(cfg: Config, params: int) -> float:
-    """The server's modelled compute per round: its training step (when it trains) and its
-    evaluations of the plug-in model (and of an emulator, for the gap) on validation."""
-    d, t = cfg.data, cfg.train
-    train_tokens = t.local_steps * t.batch_size * d.max_length if cfg.strategy.server_train else 0
-    evals = 2 if cfg.eval.emulator_gap and cfg.emulator.case != 3 else 1
-    eval_tokens = evals * d.server_eval_samples * d.max_length
-    return server_compute_s(train_tokens, eval_tokens, params, cfg.devices.server_gflops * 1e9)
-
-
 class FedPEAT(Strategy):
     """Emulator-assisted federated LoRA with per-reply validation and server collaboration.
 
@@ -83,9 +73,7 @@ class FedPEAT(Strategy):
     """
 
     def __init__(self, cfg: Config, server: ServerModel, checkpoint: Path | None = None) -> None:
-        self.cfg = cfg
-        self.server = server
-        self.fleet = Fleet(cfg)
+        self.cfg, self.server, self.fleet = cfg, server, Fleet(cfg)
         self.control = OnlineControl(
             cfg,
             checkpoint,

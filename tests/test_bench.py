@@ -119,3 +119,31 @@ def test_run_plan_covers_every_system_on_the_same_seeds() -> None:
 
 def test_markdown_table() -> None:
     assert table(["a", "b"], [[1, "x"]]) == "| a | b |\n|---|---|\n| 1 | x |"
+
+
+def test_transfer_ratios_by_hand() -> None:
+    from bench.transfer import markdown, ratios
+
+    def row(ppl, bleu=None, share=None):
+        p = {"ppl": ppl, "ppl_ci": [ppl - 1, ppl + 1]}
+        if bleu is not None:
+            p |= {"bleu": bleu, "bleu_ci": [bleu - 2, bleu + 2]}
+        s = {} if share is None else {"device_layers_share": share, "bytes_total": 2e6}
+        return {"test": {"plugin": p}, "summary": s}
+
+    rows = {
+        "base": row(20.0, 5.0),
+        "case3": row(5.0, 50.0, 1.0),
+        "region": row(6.0, 45.0, 1.0),
+        "undistilled": row(15.0, 10.0, 0.47),
+        "fedpeat": row(8.0, 40.0, 0.47),
+        "server": row(18.0, 8.0),
+        "centralised": row(6.0, 46.0),
+    }
+    # BLEU 40 / 50 = 0.80; ppl reduction (20 - 8) / (20 - 5) = 0.80
+    assert ratios(rows) == [
+        "- FedPEAT BLEU / case-3 BLEU: 0.80 (target 0.90)",
+        "- FedPEAT perplexity reduction / case 3's: 0.80 (target 0.80)",
+    ]
+    text = markdown({"machine": "m", "rounds": 3, "data": {"e2e": rows}})
+    assert "| fedpeat | 8.00 [7.00, 9.00] | 40.00 [38.00, 42.00] | - | 0.47 |" in text

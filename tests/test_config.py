@@ -92,7 +92,7 @@ def test_override_string_is_shell_split() -> None:
         ("adapter.modules=[q_proj]", "adapter.modules[0]='q_proj' is not a weight matrix name"),
         ("devices.profiles=[{gflops:0}]", "devices.profiles[0].gflops=0.0 is out of range"),
         ("controller=nope", "available: common, fixed, greedy, none, ppo, random"),
-        ("controller=fixed controller.fixed_level=0.3", "controller.fixed_level=0.3 is not one"),
+        ("controller=fixed controller.fixed_level=0.5", "controller.fixed_level=0.5 is not one"),
         ("controller=ppo emulator=shared", "it needs emulator.case=1, got 2"),
         ("controller=greedy strategy.fraction_train=0.5", "the controller chooses who takes"),
         ("controller=ppo controller.curve=[]", "controller.curve has no point for"),
@@ -104,6 +104,14 @@ def test_override_string_is_shell_split() -> None:
         ("privacy=server_dp privacy.clipping_norm=0", "privacy.clipping_norm=0.0 is out of range"),
         ("privacy=client_dp strategy.aggregation=exact", "needs strategy.aggregation=fedavg"),
         ("privacy=server_dp experiment=fedpipe", "needs planner.enabled=false"),
+        ("emulator.levels=[1.0,0.4]", "emulator.levels[0] = 1.0 keeps every layer"),
+        ("emulator=shared emulator.shared_level=1.0", "emulator.shared_level = 1.0 keeps every"),
+        ("emulator.distill.loss=mse", "emulator.distill.loss='mse' is not allowed"),
+        ("emulator.distill.loss=hidden+layerwise", "`layerwise` already includes `hidden`"),
+        ("emulator.layer_choice=random", "emulator.layer_choice='random' is not allowed"),
+        ("eval.metrics=[bleu]", "need prompt/response data to generate from"),
+        ("experiment=e2e eval.metrics=[meteor]", "eval.metrics[0]='meteor' is not allowed"),
+        ("devices.server_gflops=0", "devices.server_gflops=0.0 is out of range"),
     ],
 )
 def test_bad_values_name_the_field(override: str, needle: str) -> None:
@@ -129,3 +137,17 @@ def test_validate_cross_field_rule() -> None:
 
 def test_conf_dir_is_inside_the_project() -> None:
     assert Path(CONF_DIR, "config.yaml").is_file()
+
+
+def test_case_three_may_send_the_full_model() -> None:
+    # The refusal is for cases 1 and 2; case 3 has no emulator at all.
+    assert compose("emulator=none emulator.levels=[1.0]").emulator.case == 3
+
+
+def test_emulators_that_hold_more_than_half_are_refused_before_any_round() -> None:
+    from fedpeat.server_model import ServerModel
+
+    # The tiny model (12 layers, 1+1 adapter region): keep 0.6 holds 1 + 6 + 1 = 8 > 6 layers.
+    cfg = compose("experiment=tiny emulator.levels=[0.6,0.2]")
+    with pytest.raises(ValueError, match=r"emulator.levels: keep ratio 0.6 .* holds 8 of the"):
+        ServerModel(cfg)

@@ -36,7 +36,7 @@ def test_baselines_act_as_documented() -> None:
 def test_default_environment_and_controllers_compose() -> None:
     cfg = compose("controller=ppo")
     env = make_env(cfg)
-    assert env.n == 6 and env.k == 4
+    assert env.n == 6 and env.k == 3
     assert [lv.keep for lv in env.levels] == cfg.emulator.levels
     for name in ("fixed", "random", "greedy", "ppo"):
         c = make_controller(replace(cfg.controller, name=name), cfg.emulator.levels, 6, 0)

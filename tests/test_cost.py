@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
 from fedpeat.cost import (
@@ -80,3 +81,25 @@ def test_transmission_and_compute_time_by_hand() -> None:
     # 1000 tokens * 4 * 1e6 params / 1 GFLOP/s = 4 s; full fine-tuning 6N
     assert compute_s(1000, 1_000_000, 1e9) == pytest.approx(4.0)
     assert compute_s(1000, 1_000_000, 1e9, full_finetune=True) == pytest.approx(6.0)
+
+
+def test_server_compute_by_hand() -> None:
+    from fedpeat.cost import server_compute_s
+
+    # (4 * 1000 training tokens + 2 * 500 evaluated) * 1e6 params / 1 GFLOP/s = 5 s
+    assert server_compute_s(1000, 500, 1_000_000, 1e9) == pytest.approx(5.0)
+    assert server_compute_s(0, 0, 1_000_000, 1e9) == 0.0
+
+
+def test_a_round_without_devices_costs_the_servers_time() -> None:
+    from fedpeat.config import DeviceProfile
+    from fedpeat.cost import Level, Weights, price_round
+
+    w = Weights(1.0, 0.01, 0.5, 2.0, 1.0, 0.25)
+    level = Level(0.5, 0.5, 1e6, 1_000_000, 100.0)
+    prof = DeviceProfile(memory_mb=1000, gflops=1.0)
+    out = price_round([0], [prof], [level], np.ones(1), [0], [0], 0, w, 0.0, 0.0, server_s=7.0)
+    assert out.trained == [] and out.latency_s == pytest.approx(7.0)
+    # With a device: its compute (1000 tokens * 4 * 1e6 / 1e9 = 4 s) plus the download, then 7 s.
+    out = price_round([1], [prof], [level], np.ones(1), [1], [0], 0, w, 0.0, 1000.0, server_s=7.0)
+    assert out.latency_s == pytest.approx(4.0 + 7.0)

@@ -25,24 +25,119 @@ def test_distillation_pulls_the_emulator_towards_the_full_model(tiny_cfg, full, 
     train = encode(server_train_data(cfg), tokenizer, 32)
     held = collate(encode(server_data(cfg), tokenizer, 32)[:16], tokenizer.pad_token_id)
     emulator = build_emulator(full, 0.5, 2, 2)
+    n, k = len(emulator.layers), emulator.n_full_layers
 
     def gap() -> float:
         """nMSE between the middle blocks' outputs on held-out text (the distillation target);
         a random tiny model has no perplexity signal to compare."""
         with torch.no_grad():
             kw = {"attention_mask": held["attention_mask"], "output_hidden_states": True}
-            h_e = emulator.model.model(held["input_ids"], **kw).hidden_states[4]
-            h_f = full.model(held["input_ids"], **kw).hidden_states[6]
+            h_e = emulator.model.model(held["input_ids"], **kw).hidden_states[n - 2]
+            h_f = full.model(held["input_ids"], **kw).hidden_states[k - 2]
         return float(normalised_mse(h_e, h_f, held["attention_mask"]))
 
     before = gap()
-    dcfg = replace(tiny_cfg.emulator.distill, enabled=True, steps=60, lr=3e-3, samples=200)
+    dcfg = replace(tiny_cfg.emulator.distill, enabled=True, steps=60, lr=3e-4, samples=200)
     losses = distill(emulator, full, train, dcfg, tokenizer.pad_token_id, torch.device("cpu"))
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
-    assert gap() < 0.75 * before
+    assert gap() < 0.5 * before
     # The adapter region is untouched: the plug-in stays exact.
-    for j, i in zip([0, 1, 4, 5], [0, 1, 6, 7], strict=True):
+    for j, i in zip([0, 1, n - 2, n - 1], [0, 1, k - 2, k - 1], strict=True):
         torch.testing.assert_close(
             emulator.model.model.layers[j].self_attn.q_proj.weight,
             full.model.layers[i].self_attn.q_proj.weight.half().float(),
         )
+
+
+def test_targets_and_kl_by_hand(full) -> None:
+    from fedpeat.distill import targets, token_kl
+
+    emulator = build_emulator(full, 0.5, 2, 2)  # 12 layers: keeps 0, 1, 2, 4, 7, 9, 10, 11
+    assert emulator.layers == [0, 1, 2, 4, 7, 9, 10, 11]
+    # hidden_states[i] is layer i's input: the middle block ends where the top region starts.
+    assert targets(emulator, "hidden") == [(6, 10)]
+    assert targets(emulator, "layerwise") == [(3, 4), (4, 7), (5, 9), (6, 10)]
+    assert targets(emulator, "kd") == []
+    # KL((.5, .5) || (.9, .1)) = .5 ln(.5/.9) + .5 ln(.5/.1) = 0.5108; masked token ignored.
+    t = torch.log(torch.tensor([[[0.5, 0.5], [0.2, 0.8]]]))
+    s = torch.log(torch.tensor([[[0.9, 0.1], [0.9, 0.1]]]))
+    assert float(token_kl(s, t, torch.tensor([[1, 0]]))) == pytest.approx(0.5108, abs=1e-4)
+    assert float(token_kl(t, t, torch.tensor([[1, 1]]))) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_kd_recipe_pulls_the_output_distribution_together(tiny_cfg, full, tokenizer) -> None:
+    from dataclasses import replace
+
+    from fedpeat.data import encode, server_train_data
+    from fedpeat.distill import distill
+
+    cfg = replace(tiny_cfg.data, max_samples=600, server_train_fraction=0.4)
+    train = encode(server_train_data(cfg), tokenizer, 32)
+    emulator = build_emulator(full, 0.5, 2, 2)
+    dcfg = replace(
+        tiny_cfg.emulator.distill,
+        enabled=True,
+        steps=40,
+        lr=3e-4,
+        samples=200,
+        loss="layerwise+kd",
+    )
+    losses = distill(emulator, full, train, dcfg, tokenizer.pad_token_id, torch.device("cpu"))
+    assert np.mean(losses[-8:]) < 0.8 * np.mean(losses[:8])
+
+
+def _server(tiny_cfg, tmp_path, monkeypatch, **distill):
+    from dataclasses import replace
+
+    from fedpeat.server_model import ServerModel
+
+    monkeypatch.setenv("FEDPEAT_CACHE_DIR", str(tmp_path))
+    e = tiny_cfg.emulator
+    dcfg = replace(e.distill, enabled=True, steps=3, samples=16, **distill)
+    return ServerModel(replace(tiny_cfg, emulator=replace(e, distill=dcfg)))
+
+
+def test_distilled_emulators_are_cached_on_disk(tiny_cfg, tmp_path, monkeypatch) -> None:
+    import fedpeat.distill
+
+    calls = []
+    real = fedpeat.distill.distill
+    monkeypatch.setattr(
+        fedpeat.distill, "distill", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    first = _server(tiny_cfg, tmp_path, monkeypatch)
+    digest = first.package(0.4).digest
+    files = sorted((tmp_path / "emulators").glob("*.safetensors"))
+    assert calls == [1] and len(files) == 1  # miss: distilled once, written
+
+    again = _server(tiny_cfg, tmp_path, monkeypatch)
+    assert again.package(0.4).digest == digest and calls == [1]  # hit: same bytes, no work
+    assert again.emulator(0.4).distilled
+
+    changed = _server(tiny_cfg, tmp_path, monkeypatch, lr=5e-4)  # another recipe: a miss
+    assert changed.package(0.4).digest != digest and calls == [1, 1]
+    assert len(list((tmp_path / "emulators").glob("*.safetensors"))) == 2
+
+    files[0].write_bytes(files[0].read_bytes()[:-100])  # truncated: dropped, distilled again
+    fixed = _server(tiny_cfg, tmp_path, monkeypatch)
+    assert fixed.package(0.4).digest == digest and calls == [1, 1, 1]
+    assert files[0].is_file()
+
+
+def test_middle_block_alone_reproduces_the_whole_forward(full, tokenizer) -> None:
+    """Distillation runs the middle layers on cached inputs: on right-padded batches that must
+    give the model's own hidden states at every real token."""
+    from fedpeat.data import encode
+    from fedpeat.distill import _run_layers
+    from fedpeat.train import collate
+
+    texts = ["ROMEO:\nBut soft, what light", "JULIET:\nAy me! Romeo, Romeo, wherefore art thou"]
+    batch = collate(encode([{"prompt": "", "response": t} for t in texts], tokenizer, 32), 0)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert mask[0].sum() < mask[1].sum()  # the first row is padded
+    with torch.no_grad():
+        states = full.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        outs = _run_layers(full, full.model.layers[2:9], states.hidden_states[2], mask)
+    real = mask.bool()
+    for j, i in enumerate(range(3, 10)):
+        torch.testing.assert_close(outs[j][real], states.hidden_states[i][real])

@@ -47,6 +47,43 @@ def test_layer_selection_by_hand(n: int, keep: float, expected: list[int]) -> No
     assert select_layers(n, 2, 2, keep) == expected
 
 
+def test_layer_selection_by_importance() -> None:
+    # 8 layers, middle 2..5; the two highest-scoring middle layers stay (ties: lower index);
+    # the adapter region's scores do not matter.
+    scores = [9.0, 9.0, 0.1, 0.7, 0.3, 0.7, 9.0, 9.0]
+    assert select_layers(8, 2, 2, 0.5, scores) == [0, 1, 3, 5, 6, 7]
+    assert select_layers(8, 2, 2, 0.75, scores) == [0, 1, 3, 4, 5, 6, 7]
+    with pytest.raises(EmulatorError, match="3 layer scores for a model of 8"):
+        select_layers(8, 2, 2, 0.5, [1.0, 2.0, 3.0])
+
+
+def test_block_influence_by_hand() -> None:
+    """1 - cos(h_in, h_out) per layer, averaged over real tokens: a stand-in model whose
+    'layers' rotate a 2-d state by known angles."""
+    import math
+
+    from fedpeat.data import Encoded
+    from fedpeat.importance import block_influence
+
+    class Out:
+        def __init__(self, hidden):
+            self.hidden_states = hidden
+
+    class Stub(torch.nn.Module):
+        def forward(self, input_ids, attention_mask, output_hidden_states):
+            b, t = input_ids.shape
+            h0 = torch.tensor([1.0, 0.0]).expand(b, t, 2)
+            h1 = torch.tensor([0.0, 1.0]).expand(b, t, 2)  # 90 degrees: influence 1
+            h2 = torch.tensor([0.0, 2.0]).expand(b, t, 2)  # same direction: influence 0
+            c = math.cos(math.pi / 3)
+            h3 = torch.tensor([math.sin(math.pi / 3), c]).expand(b, t, 2)  # 60 deg: 0.5
+            return Out((h0, h1, h2, h3))
+
+    data = [Encoded([1, 2, 3], [1, 2, 3]), Encoded([4, 5], [4, 5])]
+    got = block_influence(Stub(), data, 2, 1, 0, torch.device("cpu"))
+    assert got == pytest.approx([1.0, 0.0, 0.5])
+
+
 def test_layer_selection_rejects_bad_shapes() -> None:
     with pytest.raises(EmulatorError, match="exceed the model's 4 layers"):
         select_layers(4, 3, 2, 0.5)
@@ -61,9 +98,11 @@ def emulator(full):
 
 
 def test_emulator_keeps_only_the_selected_layers(full, emulator) -> None:
-    assert emulator.layers == [0, 1, 2, 5, 6, 7] and emulator.adapter_layers == [0, 1, 4, 5]
-    assert emulator.model.config.num_hidden_layers == 6
-    assert full.config.num_hidden_layers == 8  # the full model is untouched
+    # 12 layers, 8 middle (2..9), keep 4: middle[round(i * 7 / 3)] = 2, 4, 7, 9
+    assert emulator.layers == [0, 1, 2, 4, 7, 9, 10, 11]
+    assert emulator.adapter_layers == [0, 1, 6, 7]
+    assert emulator.model.config.num_hidden_layers == 8
+    assert full.config.num_hidden_layers == 12  # the full model is untouched
     for j, i in enumerate(emulator.layers):
         fw = full.model.layers[i].mlp.down_proj.weight
         ew = emulator.model.model.layers[j].mlp.down_proj.weight
@@ -92,15 +131,15 @@ def test_adapter_plugs_into_the_full_model_exactly(tiny_cfg, full, emulator) -> 
     }
     set_adapter_state(emu_lora, trained)
     global_state = to_full_keys(trained, emulator.layers)
-    assert {int(k.split(".layers.")[1].split(".")[0]) for k in global_state} == {0, 1, 6, 7}
+    assert {int(k.split(".layers.")[1].split(".")[0]) for k in global_state} == {0, 1, 10, 11}
     assert to_emulator_keys(global_state, emulator.layers) == trained
 
     full_lora = attach_lora(
-        load_model(tiny_cfg.model, cached=False), cfg, layers=adapter_region(8, 2, 2)
+        load_model(tiny_cfg.model, cached=False), cfg, layers=adapter_region(12, 2, 2)
     )
     set_adapter_state(full_lora, global_state)
     x = torch.randn(3, full.config.hidden_size)
-    for j, i in zip(emulator.adapter_layers, [0, 1, 6, 7], strict=True):
+    for j, i in zip(emulator.adapter_layers, [0, 1, 10, 11], strict=True):
         prefix = f"base_model.model.model.layers.{i}.self_attn.q_proj"
         a = torch.from_numpy(global_state[f"{prefix}.lora_A.weight"])
         b = torch.from_numpy(global_state[f"{prefix}.lora_B.weight"])

@@ -21,7 +21,10 @@ def _strategy(cfg, shapes) -> FedPEAT:
 
     cfg = replace(cfg, strategy=replace(cfg.strategy, server_train=False))
     server = SimpleNamespace(
-        initial_state=_state(0.0, shapes), adapter_layers=None, adapter_cfg=cfg.adapter
+        initial_state=_state(0.0, shapes),
+        adapter_layers=None,
+        adapter_cfg=cfg.adapter,
+        full_shape=SimpleNamespace(params=1_000_000),
     )
     return FedPEAT(cfg, server)  # type: ignore[arg-type]
 
@@ -77,3 +80,15 @@ def test_strategy_keeps_the_adapter_when_nothing_is_valid(tiny_cfg) -> None:
     strategy = _strategy(tiny_cfg, {"x": (1,)})
     assert strategy.aggregate_train(2, [error_reply(1, "boom")]) == (None, None)
     assert strategy.stats[2].num_clients == 0
+
+
+def test_server_seconds_by_hand() -> None:
+    from fedpeat.config import compose
+    from fedpeat.cost import server_seconds
+
+    cfg = compose("")
+    # training 4 steps x 4 x 64 = 1,024 tokens at 4N; validation 48 x 64 tokens, twice (plug-in
+    # and emulator gap), at 2N: (4 * 1024 + 2 * 6144) * 1e6 / 200e9 = 0.08192 s
+    assert server_seconds(cfg, 1_000_000) == pytest.approx(0.08192)
+    off = compose("strategy.server_train=false emulator=none")
+    assert server_seconds(off, 1_000_000) == pytest.approx(2 * 3072 * 1e6 / 200e9)

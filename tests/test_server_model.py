@@ -41,12 +41,64 @@ def test_merged_export_equals_base_plus_adapter(tmp_path, tiny_cfg) -> None:
 
 
 def test_fixed_modules_replace_the_importance_choice(tiny_cfg) -> None:
-    modules = ["layers.0.self_attn.q_proj", "layers.7.mlp.down_proj"]
+    modules = ["layers.0.self_attn.q_proj", "layers.11.mlp.down_proj"]
     server = ServerModel(_planner_cfg(f"adapter.modules=[{','.join(modules)}]"))
     assert server.adapter_cfg.modules == modules and server.importance["choice"].startswith("fixed")
     assert all(
-        ".layers.0.self_attn.q_proj." in k or ".layers.7.mlp.down_proj." in k
+        ".layers.0.self_attn.q_proj." in k or ".layers.11.mlp.down_proj." in k
         for k in server.initial_state
     )
     with pytest.raises(ValueError, match="adapter.modules"):
         ServerModel(_planner_cfg("adapter.modules=[layers.3.self_attn.q_proj]"))  # not in region
+
+
+def _prompt_data(tmp_path) -> str:
+    import json
+
+    rows = [
+        {
+            "mr": f"name[R{p}], food[F{p % 3}]",
+            "ref": f"R{p} serves food {p % 3} ({r}).",
+            "name": f"R{p % 5}",
+        }
+        for p in range(40)
+        for r in range(2)
+    ]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return (
+        f"experiment=tiny data=jsonl data.path={path} data.prompt_field=mr "
+        "data.response_field=ref data.max_length=32 data.server_fraction=0.4 "
+        "eval.metrics=[bleu,rouge_l] eval.max_new_tokens=6 eval.bootstrap=50"
+    )
+
+
+def test_report_scores_generations_on_the_test_prompts(tmp_path) -> None:
+    server = ServerModel(compose(_prompt_data(tmp_path)))
+    assert len(server.prompts["validation"]) == 8 and len(server.prompts["test"]) == 8
+    report = server.report(server.initial_state, "test")
+    assert report["prompts"] == 8 and report["samples"] == 16
+    for metric in ("bleu", "rouge_l"):
+        assert 0.0 <= report[metric] <= 100.0
+        lo, hi = report[f"{metric}_ci"]
+        assert (lo <= report[metric] + 1e-9 and report[metric] <= hi + 1e-9) or lo <= hi
+    lo, hi = report["ppl_ci"]
+    assert lo <= report["ppl"] <= hi
+    # The emulator carrying the adapter is scored on the same prompts (the gap).
+    emu = server.report(server.initial_state, "test", level=0.4)
+    assert emu["prompts"] == 8 and emu["ppl"] != report["ppl"]
+
+
+def test_gap_level_is_the_level_most_devices_trained_on() -> None:
+    from server_app.recorder import gap_level
+    from strategies.round_stats import DeviceRound, RoundStats
+
+    cfg = compose("experiment=tiny")
+    stats = RoundStats()
+    for node, level in enumerate([0.2, 0.4, 0.2]):
+        stats.devices[node] = DeviceRound(node, node, level, False, 0, status="ok")
+    assert gap_level(cfg, stats) == 0.2
+    stats.devices[3] = DeviceRound(3, 3, 0.4, False, 0, status="ok")
+    assert gap_level(cfg, stats) == 0.4  # a tie goes to the larger emulator
+    assert gap_level(cfg, RoundStats()) == 0.2  # before any device: the smallest level
+    assert gap_level(compose("experiment=tiny emulator=none"), stats) is None

@@ -1,0 +1,190 @@
+"""Which lever makes an emulator-trained adapter transfer? A lean federated loop for trying one
+lever at a time on E2E (or Shakespeare) without Flower: 6 devices split by restaurant name, 3
+rounds of the default local steps, FedAvg of the adapter, no server training; the adapter is
+plugged into the full model and scored on held-out meaning representations (their own split
+here, made by this script: 40% of the `mr` held out, half of them scored).
+
+It uses the project's own pieces (emulator building, distillation, LoRA, local training,
+greedy generation, metrics), so a lever found here is then measured through the real app by
+`python -m bench.transfer`. Each call appends one JSON line to bench/results/levers.jsonl:
+
+    python -m bench.levers e2e '{"kind": "case3"}'
+    python -m bench.levers e2e '{"kind": "region", "modules": ["q_proj", "v_proj"]}'
+    python -m bench.levers e2e '{"kind": "emu", "keep": 0.4, "distill": 100, "dloss": "layerwise"}'
+
+spec keys: kind (case3: LoRA on every layer of the full model; region: the full model with
+the adapter region only; emu: devices train on an emulator), keep, bottom, top, modules, r, lr,
+steps (local), rounds, choice (uniform / importance), distill (steps), dloss, dlr.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.common import RESULTS
+
+E2E = Path("../shared/data/e2e/dev.jsonl")
+TEMPLATE = "Meaning representation: {}\nDescription:"
+ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def e2e_split(seed: int = 1234) -> dict[str, Any]:
+    rows = [json.loads(line) for line in E2E.read_text().splitlines() if line.strip()]
+    mrs = sorted({r["mr"] for r in rows})
+    perm = np.random.default_rng(seed).permutation(len(mrs))
+    n_hold = int(0.4 * len(mrs))
+    val = {mrs[i] for i in perm[: n_hold // 2]}
+    test = {mrs[i] for i in perm[n_hold // 2 : n_hold]}
+    server = {mrs[i] for i in perm[n_hold : n_hold + 27]}
+    pool = [r for r in rows if r["mr"] not in val | test | server]
+    names = sorted({r["name"] for r in pool})
+    device_of = {n: i % 6 for i, n in enumerate(names)}
+
+    def sample(r: dict[str, str]) -> dict[str, str]:
+        return {"prompt": TEMPLATE.format(r["mr"]), "response": " " + r["ref"]}
+
+    refs: dict[str, list[str]] = {}
+    for r in rows:
+        if r["mr"] in val:
+            refs.setdefault(r["mr"], []).append(r["ref"])
+    return {
+        "parts": [[sample(r) for r in pool if device_of[r["name"]] == d] for d in range(6)],
+        "server": [sample(r) for r in rows if r["mr"] in server],
+        "held": [sample(r) for r in rows if r["mr"] in val][:160],
+        "prompts": sorted(refs.items())[:80],
+        "max_length": 96,
+    }
+
+
+def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
+    from fedpeat import metrics
+    from fedpeat.config import compose
+    from fedpeat.data import device_data, encode, server_data, server_train_data
+    from fedpeat.distill import distill
+    from fedpeat.emulator import adapter_region, build_emulator, to_full_keys
+    from fedpeat.importance import block_influence
+    from fedpeat.lora import attach_lora, get_adapter_state, set_adapter_state
+    from fedpeat.model import load_model, load_tokenizer
+    from fedpeat.server_model import initial_adapter_state
+    from fedpeat.train import evaluate_ppl, generate_greedy, local_train
+
+    cfg = compose("")
+    tok = load_tokenizer(cfg.model)
+    pad, dev = int(tok.pad_token_id), torch.device("cpu")
+    if task == "e2e":
+        split = e2e_split()
+    else:
+        split = {
+            "parts": [device_data(cfg.data, cfg.partition, d, 6).train for d in range(6)],
+            "server": server_train_data(cfg.data),
+            "held": server_data(replace(cfg.data, server_eval_samples=160)),
+            "prompts": [],
+            "max_length": cfg.data.max_length,
+        }
+    n_len = split["max_length"]
+    parts = [encode(p, tok, n_len) for p in split["parts"]]
+    held, server = encode(split["held"], tok, n_len), encode(split["server"], tok, n_len)
+    full = load_model(cfg.model, dev, cached=False)
+    n = int(full.config.num_hidden_layers)
+    bottom, top = spec.get("bottom", 2), spec.get("top", 2)
+    r = spec.get("r", 8)
+    adapter = replace(
+        cfg.adapter, target_modules=spec.get("modules", ATTENTION), r=r, alpha=2.0 * r
+    )
+    train = replace(cfg.train, lr=spec.get("lr", cfg.train.lr), local_steps=spec.get("steps", 4))
+    began = time.time()
+    kind = spec["kind"]
+    model, layers, region = full, list(range(n)), None
+    if kind != "case3":
+        region = adapter_region(n, bottom, top)
+    if kind == "emu":
+        scores = None
+        if spec.get("choice") == "importance":
+            scores = block_influence(full, server, 4, 8, pad, dev)
+        emu = build_emulator(full, spec["keep"], bottom, top, scores=scores)
+        if spec.get("distill"):
+            dcfg = replace(
+                cfg.emulator.distill,
+                steps=spec["distill"],
+                lr=spec.get("dlr", 3e-4),
+                samples=10**6,
+                loss=spec.get("dloss", "layerwise"),
+            )
+            distill(emu, full, server, dcfg, pad, dev)
+        model, layers = emu.model, emu.layers
+    build_s = time.time() - began
+    work = attach_lora(
+        copy.deepcopy(model), adapter, layers=None if region is None else _local(layers, region)
+    )
+    state = initial_adapter_state(get_adapter_state(work), 42)
+    for rnd in range(spec.get("rounds", 3)):
+        states, sizes = [], []
+        for d, data in enumerate(parts):
+            set_adapter_state(work, state)
+            local_train(work, data, train, 42 + d + 100 * rnd, pad, dev)
+            states.append(get_adapter_state(work))
+            sizes.append(len(data))
+        w = np.asarray(sizes, float) / sum(sizes)
+        state = {
+            k: sum(wi * s[k] for wi, s in zip(w, states, strict=True)).astype(np.float32)
+            for k in state
+        }
+    set_adapter_state(work, state)
+    emu_ppl = evaluate_ppl(work, held, 8, pad, dev).ppl
+    plug = attach_lora(full, adapter, layers=region)
+    set_adapter_state(plug, to_full_keys(state, layers) if kind == "emu" else state)
+    out: dict[str, Any] = {
+        "task": task,
+        **spec,
+        "layers_held": len(layers),
+        "plugin_ppl": evaluate_ppl(plug, held, 8, pad, dev).ppl,
+        "emulator_ppl": emu_ppl,
+        "build_s": build_s,
+    }
+    if split["prompts"]:
+        ids = [
+            tok(TEMPLATE.format(mr), add_special_tokens=False)["input_ids"]
+            for mr, _ in split["prompts"]
+        ]
+        gen = generate_greedy(plug, ids, 48, 16, pad, tok.eos_token_id, dev)
+        hyps = [tok.decode(g, skip_special_tokens=True).strip().split("\n")[0] for g in gen]
+        refs = [refs for _, refs in split["prompts"]]
+        out["bleu"] = metrics.corpus_bleu(hyps, refs)
+        out["rouge_l"] = float(
+            np.mean([metrics.rouge_l(h, r) for h, r in zip(hyps, refs, strict=True)])
+        )
+    out["wall_s"] = time.time() - began
+    return out
+
+
+def _local(layers: list[int], region: list[int]) -> list[int]:
+    """Adapter-region layers in the model's own indices."""
+    return [j for j, i in enumerate(layers) if i in region]
+
+
+def main() -> None:
+    if len(sys.argv) != 3:
+        print(__doc__)
+        raise SystemExit(2)
+    task, spec = sys.argv[1], json.loads(sys.argv[2])
+    if task == "e2e" and not E2E.is_file():
+        raise SystemExit(f"{E2E} is absent: the E2E development set is needed")
+    torch.set_num_threads(2)
+    result = run(task, spec)
+    print(json.dumps(result))
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with (RESULTS / "levers.jsonl").open("a") as f:
+        f.write(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
