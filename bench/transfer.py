@@ -111,9 +111,11 @@ def run_rows(
         if report_only and not finished:
             continue
         run_dir = execute(Spec(f"transfer-{data}-{name}", name, overrides, 42), DEVICES, reuse)
+        summary = json.loads((run_dir / "summary.json").read_text())
+        summary.pop("run_dir", None)  # a path of this machine: not for a committed result
         out[name] = {
             "overrides": overrides,
-            "summary": json.loads((run_dir / "summary.json").read_text()),
+            "summary": summary,
             "test": json.loads((run_dir / "test.json").read_text()),
             "wall_s": time.perf_counter() - began,
         }
@@ -152,7 +154,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"`python -m bench.transfer` on {results['machine']}. {results['rounds']} rounds, "
         f"{DEVICES} devices, the default local steps, `{COMMON}` (the server does not train, so "
         "every gain is the devices'); figures on the test split with bootstrap 95% intervals. "
-        "Decisions (the default emulator recipe) were made on the validation split.",
+        "Decisions (the default emulator recipe) were made on the validation split. A row "
+        "marked `not run` has no finished run under runs/bench/: `python -m bench.transfer "
+        "--reuse` runs it and keeps the others.",
     ]
     for data, rows in results["data"].items():
         lines += [
@@ -170,7 +174,8 @@ def markdown(results: dict[str, Any]) -> str:
             row = rows[name]
             p, s = row["test"]["plugin"], row["summary"]
             emu = row["test"].get("emulator") or {}
-            gap = "-" if not emu else f"{emu['ppl']:.2f} / {emu.get('bleu', float('nan')):.2f}"
+            bleu = f"{emu['bleu']:.2f}" if "bleu" in emu else "-"
+            gap = f"{emu['ppl']:.2f} / {bleu}" if emu else "-"
             layers = s.get("device_layers_share")
             params = s.get("device_params_share")
             lines.append(
