@@ -318,27 +318,35 @@ def save_package(pkg: Package, directory: Path) -> Path:
     return path
 
 
+def _read_package(path: Path, digest: str | None) -> tuple[Package, dict[str, Any]]:
+    """A package file's tensors and metadata (`digest`: the name it was asked by; None: the one
+    its metadata records); not verified here."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    pkg = Package(
+        meta["config"],
+        list(meta["layers"]),
+        float(meta["keep_ratio"]),
+        int(meta["bottom"]),
+        int(meta["top"]),
+        int(meta["n_full_layers"]),
+        state,
+        meta["digest"] if digest is None else digest,
+    )
+    return pkg, meta
+
+
 def load_package(directory: Path, digest: str) -> Package:
     """Read and verify a cached emulator; a corrupt file is deleted and reported as missing."""
-    from safetensors import safe_open
 
     path = directory / f"{digest}.safetensors"
     if not path.is_file():
         raise EmulatorError(f"emulator {digest[:12]} is not in the device cache")
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-        pkg = Package(
-            meta["config"],
-            list(meta["layers"]),
-            float(meta["keep_ratio"]),
-            int(meta["bottom"]),
-            int(meta["top"]),
-            int(meta["n_full_layers"]),
-            state,
-            digest,
-        )
+        pkg, _ = _read_package(path, digest)
         if content_hash(pkg.config_json, pkg.layers, pkg.state) != digest:
             raise EmulatorError("content hash mismatch")
     except Exception as err:  # unreadable, truncated or tampered: never train on it
@@ -377,26 +385,13 @@ def save_cached(pkg: Package, path: Path, key: str) -> None:
 def load_cached(path: Path, key: str) -> Package | None:
     """The emulator cached at `path` under `key`, or None when absent; a file that is corrupt
     or was written for another key is deleted (and None returned), never trained on."""
-    from safetensors import safe_open
 
     if not path.is_file():
         return None
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-            state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+        pkg, meta = _read_package(path, None)
         if meta.get("key") != key:
             raise EmulatorError("written for another derivation")
-        pkg = Package(
-            meta["config"],
-            list(meta["layers"]),
-            float(meta["keep_ratio"]),
-            int(meta["bottom"]),
-            int(meta["top"]),
-            int(meta["n_full_layers"]),
-            state,
-            meta["digest"],
-        )
         if content_hash(pkg.config_json, pkg.layers, pkg.state) != pkg.digest:
             raise EmulatorError("content hash mismatch")
     except Exception as err:  # unreadable, truncated or tampered: derive it again
