@@ -147,3 +147,26 @@ def test_transfer_ratios_by_hand() -> None:
     ]
     text = markdown({"machine": "m", "rounds": 3, "data": {"e2e": rows}})
     assert "| fedpeat | 8.00 [7.00, 9.00] | 40.00 [38.00, 42.00] | - | 0.47 |" in text
+
+
+def test_default_run_record_keeps_rounds_test_and_summary(tmp_path) -> None:
+    import json
+
+    from bench.default_run import record
+
+    rows = [
+        {"round": 0, "plugin_ppl": 120.0, "emulator_ppl": None, "task": {"bleu": 1.0}},
+        {"round": 1, "plugin_ppl": 90.0, "emulator_ppl": 140.0, "bytes_down": 7},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    summary = {"final_plugin_ppl": 90.0, "run_dir": "/somewhere", "test_plugin_ppl": 88.0}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    (tmp_path / "test.json").write_text(json.dumps({"plugin": {"ppl": 88.0}}))
+    out = record(tmp_path, 431.0)
+    assert out["total_s"] == 431.0 and out["overrides"] == ""
+    # Headline fields only: a machine path (run_dir) never reaches the committed file.
+    assert out["summary"] == {"final_plugin_ppl": 90.0, "test_plugin_ppl": 88.0}
+    assert out["test"] == {"plugin": {"ppl": 88.0}}
+    assert [r["plugin_ppl"] for r in out["rounds"]] == [120.0, 90.0]
+    assert out["rounds"][1]["bytes_down"] == 7 and out["rounds"][0]["bytes_down"] is None
+    assert "task" not in out["rounds"][0]
