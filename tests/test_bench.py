@@ -145,6 +145,11 @@ def test_transfer_ratios_by_hand() -> None:
         "- FedPEAT BLEU / case-3 BLEU: 0.80 (target 0.90)",
         "- FedPEAT perplexity reduction / case 3's: 0.80 (target 0.80)",
     ]
+    # The longer row, where run, is reported beside: 45 / 50 = 0.90; (20 - 6.5) / 15 = 0.90.
+    assert ratios(rows | {"fedpeat_9_rounds": row(6.5, 45.0, 0.47)})[2:] == [
+        "- FedPEAT, 9 rounds, BLEU / case-3 BLEU: 0.90 (target 0.90)",
+        "- FedPEAT, 9 rounds, perplexity reduction / case 3's: 0.90 (target 0.80)",
+    ]
     text = markdown({"machine": "m", "rounds": 3, "data": {"e2e": rows}})
     assert "| fedpeat | 8.00 [7.00, 9.00] | 40.00 [38.00, 42.00] | - | 0.47 |" in text
 
