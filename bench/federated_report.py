@@ -220,11 +220,11 @@ def markdown(rep: dict[str, Any], where: str) -> dict[str, str]:
     ttt, target = rep["time_to_target"], rep["target_ppl"]
     rows = []
     for s, v in ttt.items():
-        seeds = len(v["seeds"])
+        n_seeds = len(v["seeds"])
         rows.append(
             [
                 "Fed-FT" if s == "fed_ft" else f"controller={s}",
-                f"{v['reached']}/{seeds}",
+                f"{v['reached']}/{n_seeds}",
                 _fmt_s(v["time"]) if v["time"] else "not reached",
                 " / ".join("-" if t is None else f"{t:.0f}" for t in v["time_to_target_s"]),
                 " / ".join("-" if n is None else str(n) for n in v["rounds_to_target"]),
