@@ -246,37 +246,44 @@ def device_residual(state: State, modules: Sequence[str], rank: int) -> dict[str
     return residual_state({k: v for k, v in state.items() if _of_module(k, modules)}, rank)
 
 
-def pad_rank(state: State, rank: int) -> dict[str, np.ndarray]:
-    """Zero-pad every module's A (rows) and B (columns) up to `rank`."""
-    out = {}
-    for key, value in state.items():
-        if _A in key and value.shape[0] < rank:
-            value = np.vstack(
-                [value, np.zeros((rank - value.shape[0], value.shape[1]), value.dtype)]
-            )
-        elif _B in key and value.shape[1] < rank:
-            value = np.hstack(
-                [value, np.zeros((value.shape[0], rank - value.shape[1]), value.dtype)]
-            )
-        out[key] = value
-    return out
+def _rank_axis(key: str) -> int | None:
+    """The axis of a LoRA tensor that indexes the rank (A: rows, B: columns), None otherwise."""
+    return 0 if _A in key else 1 if _B in key else None
 
 
 def partial_average(
-    states: Sequence[State], weights: Sequence[float], rank: int
+    states: Sequence[State], weights: Sequence[float], rank: int, base: State | None = None
 ) -> dict[str, np.ndarray]:
-    """FedAvg over states of different ranks and module sets: pad to `rank`, then average each
-    tensor over the states that hold it (weights renormalised per key)."""
+    """FedAvg over states of different ranks and module sets, without zero dilution: each rank
+    component (a row of A, a column of B) is the weighted mean over the states that hold it
+    (weights renormalised per component); a component no state holds keeps `base`'s (the global
+    adapter the devices' slices came from; zeros without it). Modules no state trained are left
+    out. A round in which every device returns the slice it received leaves `base` unchanged."""
     w = _checked_weights(states, weights)
-    padded = [pad_rank(s, rank) for s in states]
     out: dict[str, np.ndarray] = {}
-    for key in sorted({k for s in padded for k in s}):
-        members = [i for i, s in enumerate(padded) if key in s]
-        total = w[members].sum()
-        if total <= 0:
+    for key in sorted({k for st in states for k in st}):
+        members = [i for i, st in enumerate(states) if key in st]
+        if w[members].sum() <= 0:
             continue
-        acc = sum((w[i] / total) * padded[i][key].astype(np.float64) for i in members)
-        out[key] = np.asarray(acc).astype(np.float32)
+        axis = _rank_axis(key)
+        if axis is None:
+            total = w[members].sum()
+            acc = sum((w[i] / total) * states[i][key].astype(np.float64) for i in members)
+            out[key] = np.asarray(acc).astype(np.float32)
+            continue
+        shape = list(states[members[0]][key].shape)
+        shape[axis] = rank
+        acc = np.zeros(shape, np.float64)
+        held = np.zeros(rank, np.float64)  # summed weight of the states holding component j
+        for i in members:
+            value = np.moveaxis(states[i][key].astype(np.float64), axis, 0)[:rank]
+            np.moveaxis(acc, axis, 0)[: len(value)] += w[i] * value
+            held[: len(value)] += w[i]
+        prior = np.zeros(shape) if base is None or key not in base else base[key]
+        view, prior_view = np.moveaxis(acc, axis, 0), np.moveaxis(prior, axis, 0)
+        for j in range(rank):
+            view[j] = view[j] / held[j] if held[j] > 0 else prior_view[j]
+        out[key] = acc.astype(np.float32)
     return out
 
 
@@ -338,7 +345,8 @@ def merge_updates(
     `exact`: `exact_aggregate` (unused directions keep `fill`'s random A, never axis-aligned
     rows; averaging the updates from what each device `received`, not the products, keeps what
     truncated devices never saw). `fedavg`: the plain weighted average, or with `planned`
-    devices (ranks and module sets differ) `partial_average` at the global `rank`.
+    devices (ranks and module sets differ) `partial_average` at the global `rank` (rank
+    components no device holds keep `base`'s).
     """
     if rule == "exact":
         merged, errors = exact_aggregate(
@@ -346,5 +354,5 @@ def merge_updates(
         )
         return merged, max(errors.values(), default=0.0)
     if planned:
-        return partial_average(states, weights, rank), None
+        return partial_average(states, weights, rank, base), None
     return weighted_average(states, weights), None

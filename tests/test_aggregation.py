@@ -7,7 +7,6 @@ import pytest
 
 from strategies.aggregation import (
     device_share,
-    pad_rank,
     partial_average,
     weighted_average,
     weighted_mean,
@@ -279,15 +278,31 @@ def test_an_exact_share_is_the_best_rank_r_approximation() -> None:
     np.testing.assert_allclose(share[_key(M, "B")] @ share[_key(M, "A")], best, atol=1e-4)
 
 
-def test_partial_average_pads_ranks_and_does_not_dilute_untrained_modules() -> None:
+def test_partial_average_averages_each_rank_component_over_its_holders() -> None:
     s1 = {_key(M, "A"): np.array([[1.0, 1.0]]), _key(M, "B"): np.array([[2.0], [2.0]])}
     a2, b2 = np.array([[4.0, 0.0], [0.0, 4.0]]), np.array([[1.0, 0.0], [0.0, 1.0]])
     n_a, n_b = np.array([[7.0, 7.0], [7.0, 7.0]]), np.ones((2, 2))
     s2 = {_key(M, "A"): a2, _key(M, "B"): b2, _key(N, "A"): n_a, _key(N, "B"): n_b}
     out = partial_average([s1, s2], [1.0, 3.0], rank=2)
-    # M: s1 padded to [[1, 1], [0, 0]] and [[2, 0], [2, 0]], weights 1/4 and 3/4
-    np.testing.assert_allclose(out[_key(M, "A")], [[3.25, 0.25], [0.0, 3.0]])
-    np.testing.assert_allclose(out[_key(M, "B")], [[1.25, 0.0], [0.5, 0.75]])
-    # N: only s2 trained it, so it is s2's, not 3/4 of it
+    # M, component 0 (both hold it, weights 1/4 and 3/4): A (1*[1, 1] + 3*[4, 0]) / 4, B
+    # (1*[2, 2] + 3*[1, 0]) / 4; component 1 only s2 holds: s2's own, not 3/4 of it.
+    np.testing.assert_allclose(out[_key(M, "A")], [[3.25, 0.25], [0.0, 4.0]])
+    np.testing.assert_allclose(out[_key(M, "B")], [[1.25, 0.0], [0.5, 1.0]])
+    # N: only s2 trained it, so it is s2's
     np.testing.assert_allclose(out[_key(N, "A")], n_a)
-    assert pad_rank(s1, 3)[_key(M, "A")].shape == (3, 2)
+
+
+def test_partial_average_returning_the_received_slices_changes_nothing() -> None:
+    rng = np.random.default_rng(0)
+    base = {_key(M, "A"): rng.normal(size=(4, 3)), _key(M, "B"): rng.normal(size=(5, 4))}
+    # Ranks 1 and 2 of a rank-4 global: each returns exactly its slice (first r rows of A,
+    # first r columns of B); components 2 and 3 nobody holds keep the global's. Zero padding
+    # would have diluted component 1 to a third (only the weight-1 device holds it) and zeroed
+    # components 2 and 3.
+    slices = [
+        {_key(M, "A"): base[_key(M, "A")][:r], _key(M, "B"): base[_key(M, "B")][:, :r]}
+        for r in (1, 2)
+    ]
+    out = partial_average(slices, [2.0, 1.0], rank=4, base=base)
+    for key, value in base.items():
+        np.testing.assert_allclose(out[key], value, rtol=1e-6)
