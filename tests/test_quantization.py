@@ -36,3 +36,70 @@ def test_a_quantized_emulator_trains_on_cpu(tiny_cfg, tokenizer, data, bits, kin
     after = evaluate_ppl(model, data, 4, pad, CPU)
     assert np.isfinite(result.train_loss)
     assert after.loss < before.loss - 0.1, (before.loss, after.loss)
+
+
+def _dequantized(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Each quantized linear layer's weight as the fp32 matrix its forward pass multiplies by."""
+    import bitsandbytes as bnb
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            out[name] = w.float()
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            # LLM.int8 row-wise absmax: W = CB * SCB / 127
+            cb, scb = module.weight.CB, module.weight.SCB
+            out[name] = cb.float() * scb.float()[:, None] / 127.0
+    return out
+
+
+def _lora_grads(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(3, 16), (1, 5)])
+def test_gradients_through_quantized_layers_match_their_dequantized_weights(
+    tiny_cfg, bits, shape
+) -> None:
+    """The LoRA gradients (bottom and top adapter layers) through NF4 / int8 frozen layers on CPU
+    equal those through the same weights de-quantized to fp32, to 1e-4 relative: the CPU
+    kernels' backward is right (bitsandbytes warns that `gemv_4bit` has no autograd kernel; it
+    only serves inputs that need no gradient). The same check against the original fp32 weights
+    must fail, or the comparison would prove nothing."""
+    import copy
+
+    full = load_model(tiny_cfg.model, cached=False)
+    emulator = build_emulator(full, 0.4, 1, 1)
+    quantized = quantize_frozen(copy.deepcopy(emulator.model), bits, CPU, torch.float32)
+    reference, original = copy.deepcopy(emulator.model), copy.deepcopy(emulator.model)
+    modules = dict(reference.named_modules())
+    weights = _dequantized(quantized)
+    assert len(weights) == 7 * len(emulator.layers)
+    for name, w in weights.items():
+        modules[name].weight.data.copy_(w)
+    models = [
+        attach_lora(m, tiny_cfg.adapter, layers=emulator.adapter_layers)
+        for m in (quantized, reference, original)
+    ]
+    # The same non-zero adapter in all three (a zero B would leave A without gradient).
+    gen = torch.Generator().manual_seed(1)
+    named = [dict(m.named_parameters()) for m in models]
+    for name, p in named[0].items():
+        if p.requires_grad:
+            value = torch.randn(p.shape, generator=gen) * 0.05
+            for params in named:
+                params[name].data.copy_(value)
+    ids = torch.randint(0, 500, shape, generator=gen)
+    got, want, unquantized = (_lora_grads(m, ids) for m in models)
+    bottom = [n for n in got if ".layers.0." in n]
+    assert len(bottom) == 2 * len(tiny_cfg.adapter.target_modules)
+    for name in got:
+        scale = want[name].norm()
+        assert scale > 0, name
+        assert (got[name] - want[name]).norm() <= 1e-4 * scale, name
+    drift = max(((got[n] - unquantized[n]).norm() / unquantized[n].norm()).item() for n in bottom)
+    assert drift > 1e-3
