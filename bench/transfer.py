@@ -8,6 +8,7 @@ Rows, per data set (E2E when ../shared/data/e2e is present, and Shakespeare):
   region        the full model with FedPEAT's adapter (the adapter region's matrices only)
   undistilled   FedPEAT with the default emulators but not distilled
   fedpeat       FedPEAT with the default emulators
+  importance    the same with the middle layers chosen by block influence, not uniformly
   fedpeat_9_rounds  the same with three times the rounds (the one row with other rounds)
   server        the server alone: its own data, no devices, same steps per round
   centralised   one LoRA with FedPEAT's adapter on the pooled device data, as many steps as
@@ -41,12 +42,13 @@ DATA = {"e2e": "experiment=e2e eval.test_samples=200", "shakespeare": "eval.test
 # would sit out, while case 3 and the region row (the full model, no memory check) train all six:
 # the emulator rows raise their budgets so every row learns from the same six devices' data.
 E2E_BUDGETS = "devices.profiles.3.memory_mb=700 devices.profiles.4.memory_mb=650"
-EMULATOR_ROWS = ("undistilled", "fedpeat", "fedpeat_9_rounds")
+EMULATOR_ROWS = ("undistilled", "fedpeat", "importance", "fedpeat_9_rounds")
 ROWS = {
     "case3": "emulator=none",
     "region": "emulator=none",  # + adapter.modules: the adapter region's matrices
     "undistilled": "emulator.distill.enabled=false",
     "fedpeat": "",
+    "importance": "emulator.layer_choice=importance",
     # Not the same rounds as the others: how far more rounds take the emulators' adapter.
     "fedpeat_9_rounds": "rounds=9",
 }
@@ -165,6 +167,7 @@ ORDER = [
     "region",
     "undistilled",
     "fedpeat",
+    "importance",
     "server",
     "centralised",
     "fedpeat_9_rounds",
