@@ -76,6 +76,7 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
     from fedpeat.model import load_model, load_tokenizer
     from fedpeat.server_model import initial_adapter_state
     from fedpeat.train import evaluate_ppl, generate_greedy, local_train
+    from strategies.aggregation import weighted_average
 
     cfg = compose("")
     tok = load_tokenizer(cfg.model)
@@ -133,11 +134,7 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
             local_train(work, data, train, 42 + d + 100 * rnd, pad, dev)
             states.append(get_adapter_state(work))
             sizes.append(len(data))
-        w = np.asarray(sizes, float) / sum(sizes)
-        state = {
-            k: sum(wi * s[k] for wi, s in zip(w, states, strict=True)).astype(np.float32)
-            for k in state
-        }
+        state = weighted_average(states, sizes)
     set_adapter_state(work, state)
     emu_ppl = evaluate_ppl(work, held, 8, pad, dev).ppl
     plug = attach_lora(full, adapter, layers=region)
