@@ -14,7 +14,10 @@ greedy generation, metrics), so a lever found here is then measured through the 
 
 spec keys: kind (case3: LoRA on every layer of the full model; region: the full model with
 the adapter region only; emu: devices train on an emulator), keep, bottom, top, modules, r, lr,
-steps (local), rounds, choice (uniform / importance), distill (steps), dloss, dlr.
+steps (local), rounds, choice (uniform / importance), distill (steps), dloss, dlr, adapt
+(region: LoRA on the adapter region only, Offsite-Tuning's rule; held: on every layer the
+emulator holds, the kept middle layers included, each delta plugged into the full model's layer
+of the same index).
 """
 
 from __future__ import annotations
@@ -66,16 +69,15 @@ def e2e_split(seed: int = 1234) -> dict[str, Any]:
 
 
 def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
-    from fedpeat import metrics
     from fedpeat.config import compose
     from fedpeat.data import device_data, encode, server_data, server_train_data
     from fedpeat.distill import distill
-    from fedpeat.emulator import adapter_region, build_emulator, to_full_keys
+    from fedpeat.emulator import adapter_region, build_emulator, keys_on_layers, to_full_keys
     from fedpeat.importance import block_influence
     from fedpeat.lora import attach_lora, get_adapter_state, set_adapter_state
     from fedpeat.model import load_model, load_tokenizer
     from fedpeat.server_model import initial_adapter_state
-    from fedpeat.train import evaluate_ppl, generate_greedy, local_train
+    from fedpeat.train import evaluate_ppl, local_train
     from strategies.aggregation import weighted_average
 
     cfg = compose("")
@@ -122,6 +124,8 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
             )
             distill(emu, full, server, dcfg, pad, dev)
         model, layers = emu.model, emu.layers
+        if spec.get("adapt", "region") == "held":
+            region = list(layers)
     build_s = time.time() - began
     work = attach_lora(
         copy.deepcopy(model), adapter, layers=None if region is None else _local(layers, region)
@@ -137,30 +141,45 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         state = weighted_average(states, sizes)
     set_adapter_state(work, state)
     emu_ppl = evaluate_ppl(work, held, 8, pad, dev).ppl
-    plug = attach_lora(full, adapter, layers=region)
-    set_adapter_state(plug, to_full_keys(state, layers) if kind == "emu" else state)
+    full_state = to_full_keys(state, layers) if kind == "emu" else state
     out: dict[str, Any] = {
         "task": task,
         **spec,
         "layers_held": len(layers),
-        "plugin_ppl": evaluate_ppl(plug, held, 8, pad, dev).ppl,
         "emulator_ppl": emu_ppl,
         "build_s": build_s,
     }
-    if split["prompts"]:
-        ids = [
-            tok(TEMPLATE.format(mr), add_special_tokens=False)["input_ids"]
-            for mr, _ in split["prompts"]
-        ]
-        gen = generate_greedy(plug, ids, 48, 16, pad, tok.eos_token_id, dev)
-        hyps = [tok.decode(g, skip_special_tokens=True).strip().split("\n")[0] for g in gen]
-        refs = [refs for _, refs in split["prompts"]]
-        out["bleu"] = metrics.corpus_bleu(hyps, refs)
-        out["rouge_l"] = float(
-            np.mean([metrics.rouge_l(h, r) for h, r in zip(hyps, refs, strict=True)])
-        )
+    plugs = {"": region}
+    if kind == "emu" and spec.get("adapt", "region") == "held":
+        # Also plug in the adapter region's part alone: the kept middle layers' deltas then
+        # only serve training on the emulator (they absorb its repair), not the full model.
+        plugs["region_only_"] = adapter_region(n, bottom, top)
+    for prefix, plug_layers in plugs.items():
+        plug = attach_lora(copy.deepcopy(full), adapter, layers=plug_layers)
+        set_adapter_state(plug, keys_on_layers(full_state, plug_layers or range(n)))
+        out[f"{prefix}plugin_ppl"] = evaluate_ppl(plug, held, 8, pad, dev).ppl
+        if split["prompts"]:
+            out.update(_task_scores(plug, tok, split["prompts"], pad, dev, prefix))
     out["wall_s"] = time.time() - began
     return out
+
+
+def _task_scores(
+    plug: Any, tok: Any, prompts: list[Any], pad: int, dev: torch.device, prefix: str
+) -> dict[str, float]:
+    from fedpeat import metrics
+    from fedpeat.train import generate_greedy
+
+    ids = [tok(TEMPLATE.format(mr), add_special_tokens=False)["input_ids"] for mr, _ in prompts]
+    gen = generate_greedy(plug, ids, 48, 16, pad, tok.eos_token_id, dev)
+    hyps = [tok.decode(g, skip_special_tokens=True).strip().split("\n")[0] for g in gen]
+    refs = [refs for _, refs in prompts]
+    return {
+        f"{prefix}bleu": metrics.corpus_bleu(hyps, refs),
+        f"{prefix}rouge_l": float(
+            np.mean([metrics.rouge_l(h, r) for h, r in zip(hyps, refs, strict=True)])
+        ),
+    }
 
 
 def _local(layers: list[int], region: list[int]) -> list[int]:

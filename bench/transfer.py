@@ -10,6 +10,7 @@ Rows, per data set (E2E when ../shared/data/e2e is present, and Shakespeare):
   fedpeat       FedPEAT with the default emulators
   importance    the same with the middle layers chosen by block influence, not uniformly
   fedpeat_9_rounds  the same with three times the rounds (the one row with other rounds)
+  held          the default emulators with LoRA on every layer they hold (`emulator.adapt=held`)
   server        the server alone: its own data, no devices, same steps per round
   centralised   one LoRA with FedPEAT's adapter on the pooled device data, as many steps as
                 all devices took together
@@ -42,7 +43,7 @@ DATA = {"e2e": "experiment=e2e eval.test_samples=200", "shakespeare": "eval.test
 # would sit out, while case 3 and the region row (the full model, no memory check) train all six:
 # the emulator rows raise their budgets so every row learns from the same six devices' data.
 E2E_BUDGETS = "devices.profiles.3.memory_mb=700 devices.profiles.4.memory_mb=650"
-EMULATOR_ROWS = ("undistilled", "fedpeat", "importance", "fedpeat_9_rounds")
+EMULATOR_ROWS = ("undistilled", "fedpeat", "importance", "fedpeat_9_rounds", "held")
 ROWS = {
     "case3": "emulator=none",
     "region": "emulator=none",  # + adapter.modules: the adapter region's matrices
@@ -51,6 +52,7 @@ ROWS = {
     "importance": "emulator.layer_choice=importance",
     # Not the same rounds as the others: how far more rounds take the emulators' adapter.
     "fedpeat_9_rounds": "rounds=9",
+    "held": "emulator.adapt=held",
 }
 
 
@@ -168,6 +170,7 @@ ORDER = [
     "undistilled",
     "fedpeat",
     "importance",
+    "held",
     "server",
     "centralised",
     "fedpeat_9_rounds",
@@ -230,7 +233,12 @@ def ratios(rows: dict[str, Any]) -> list[str]:
         return ["- FedPEAT or case 3 not run: no ratio"]
     base, c3 = rows["base"]["test"]["plugin"], rows["case3"]["test"]["plugin"]
     out = []
-    for name, label in (("fedpeat", "FedPEAT"), ("fedpeat_9_rounds", "FedPEAT, 9 rounds,")):
+    labels = (
+        ("fedpeat", "FedPEAT"),
+        ("held", "FedPEAT, LoRA on every held layer,"),
+        ("fedpeat_9_rounds", "FedPEAT, 9 rounds,"),
+    )
+    for name, label in labels:
         if name not in rows:
             continue
         fp = rows[name]["test"]["plugin"]

@@ -28,7 +28,9 @@ from fedpeat.emulator import (
     EmulatorError,
     Package,
     content_hash,
+    keys_on_layers,
     load_package,
+    local_adapter_layers,
     prune_cache,
     save_package,
     to_emulator_keys,
@@ -162,7 +164,8 @@ def _emulator_model(
         dtype = getattr(torch, plan.compute_dtype or plan.model.dtype)
         model = lora_model(plan.model, plan.adapter, device, plan.adapter_layers, plan.bits, dtype)
         return model, None
-    key = f"{ref.digest}:{json.dumps(asdict(plan.adapter), sort_keys=True)}:{device}:{plan.bits}"
+    adapter_key = json.dumps([asdict(plan.adapter), plan.adapter_layers], sort_keys=True)
+    key = f"{ref.digest}:{adapter_key}:{device}:{plan.bits}"
     if key not in _EMULATORS:
         pkg = load_package(device_cache(node_key), ref.digest)  # verifies; drops a corrupt file
         dtype = getattr(torch, plan.compute_dtype or plan.model.dtype)
@@ -171,7 +174,14 @@ def _emulator_model(
         adapter = plan.adapter
         if adapter.modules:  # full-model names -> this emulator's layer indices
             adapter = replace(adapter, modules=to_emulator_modules(adapter.modules, ref.layers))
-        _EMULATORS[key] = attach_lora(emulator.model, adapter, layers=emulator.adapter_layers)
+        # The layers of this emulator the global adapter covers: its adapter region, or under
+        # `emulator.adapt=held` every layer it holds.
+        layers = (
+            emulator.adapter_layers
+            if plan.adapter_layers is None
+            else local_adapter_layers(ref.layers, plan.adapter_layers)
+        )
+        _EMULATORS[key] = attach_lora(emulator.model, adapter, layers=layers)
         while len(_EMULATORS) > _EMULATOR_SLOTS:
             _EMULATORS.popitem(last=False)
     _EMULATORS.move_to_end(key)
@@ -257,7 +267,9 @@ def device_evaluate(
             test_data
         )
     model, layers = _emulator_model(plan, node_key, device)
-    set_adapter_state(model, to_emulator_keys(state, layers) if layers else state)
+    if layers:  # the whole global adapter; under `emulator.adapt=held` this emulator's part
+        state = to_emulator_keys(keys_on_layers(state, layers), layers)
+    set_adapter_state(model, state)
     with frozen_residual(model, _mapped(residual, layers)):
         result = evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device)
     return result, len(test_data)

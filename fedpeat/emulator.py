@@ -82,6 +82,40 @@ def adapter_region(n_layers: int, bottom: int, top: int) -> list[int]:
     return list(range(bottom)) + list(range(n_layers - top, n_layers))
 
 
+def global_adapter_layers(
+    n_layers: int,
+    bottom: int,
+    top: int,
+    adapt: str,
+    levels: Sequence[float],
+    scores: Sequence[float] | None = None,
+) -> list[int]:
+    """Full-model layers the global adapter covers (`emulator.adapt`): the adapter region, or
+    (`held`) every layer some emulator of `levels` holds, so each device's deltas have a home."""
+    if adapt == "region":
+        return adapter_region(n_layers, bottom, top)
+    return sorted({i for lv in levels for i in select_layers(n_layers, bottom, top, lv, scores)})
+
+
+def local_adapter_layers(
+    emulator_layers: Sequence[int], adapter_layers: Sequence[int]
+) -> list[int]:
+    """Emulator indices of the layers that carry adapters: those whose full-model layer the
+    global adapter covers."""
+    covered = set(adapter_layers)
+    return [j for j, full in enumerate(emulator_layers) if full in covered]
+
+
+def keys_on_layers(state: Mapping[str, Any], layers: Sequence[int]) -> dict[str, Any]:
+    """The entries of an adapter state (full-model keys) that live on `layers`."""
+    held = set(layers)
+    return {
+        k: v
+        for k, v in state.items()
+        if (m := _LAYER_KEY.search(k)) is None or int(m.group(1)) in held
+    }
+
+
 # --------------------------------------------------------------------------- build
 
 

@@ -26,10 +26,12 @@ from fedpeat.data import encode, eval_prompts, server_data, server_train_data
 from fedpeat.emulator import (
     Emulator,
     Package,
-    adapter_region,
     build_emulator,
+    global_adapter_layers,
+    keys_on_layers,
     layer_prefix,
     load_cached,
+    local_adapter_layers,
     model_digest,
     package,
     round_trip,
@@ -99,8 +101,26 @@ class ServerModel:
         self.base = load_model(cfg.model, self.device)
         n_layers = int(self.base.config.num_hidden_layers)
         e = cfg.emulator
-        # Cases 1 and 2 put adapters on the adapter region only, so they exist in every emulator.
-        self.adapter_layers = None if e.case == 3 else adapter_region(n_layers, e.bottom, e.top)
+        self.layer_scores: list[float] | None = None
+        if e.case != 3 and e.layer_choice == "importance":
+            self.layer_scores = block_influence(
+                self.base,
+                self.train_data or self.held_out,
+                cfg.train.batch_size,
+                cfg.planner.calibration_batches,
+                self.pad_id,
+                self.device,
+            )
+        # Cases 1 and 2: the adapter region (in every emulator) or, `emulator.adapt=held`,
+        # every layer some level holds; a device then trains the part its emulator holds.
+        self.adapter_layers = (
+            None
+            if e.case == 3
+            else global_adapter_layers(
+                n_layers, e.bottom, e.top, e.adapt, self.device_levels(), self.layer_scores
+            )
+        )
+        self.partial_adapters = e.case != 3 and e.adapt == "held"
         self.scores: dict[str, float] = {}
         self.importance: dict[str, Any] = {}
         self.module_shapes: dict[str, tuple[int, int]] = {}
@@ -123,18 +143,22 @@ class ServerModel:
         ]
         self._packages: dict[float, Package] = {}
         self.emulators: dict[float, Emulator] = {}
-        self.layer_scores: list[float] | None = None
-        if cfg.emulator.case != 3 and cfg.emulator.layer_choice == "importance":
-            self.layer_scores = block_influence(
-                self.base,
-                self.train_data or self.held_out,
-                cfg.train.batch_size,
-                cfg.planner.calibration_batches,
-                self.pad_id,
-                self.device,
-            )
         self._model_digest = ""
         self.check_protection()
+
+    def device_levels(self) -> list[float]:
+        """The keep ratios a device may receive (case 2's shared level included)."""
+        e = self.cfg.emulator
+        return sorted({*e.levels, e.shared_level} if e.case == 2 else set(e.levels))
+
+    def device_adapter_state(self, state: AdapterState, level: float) -> AdapterState:
+        """What a device training the emulator at `level` receives of the global adapter: all
+        of it, or under `emulator.adapt=held` the layers that emulator holds."""
+        if not self.partial_adapters:
+            return state
+        e = self.cfg.emulator
+        held = select_layers(self.full_shape.layers, e.bottom, e.top, level, self.layer_scores)
+        return keys_on_layers(state, held)
 
     def check_protection(self) -> None:
         """Cases 1 and 2: every emulator a device may receive holds at most
@@ -143,8 +167,7 @@ class ServerModel:
         if e.case == 3:
             return
         n = self.full_shape.layers
-        levels = sorted({*e.levels, e.shared_level} if e.case == 2 else set(e.levels))
-        for level in levels:
+        for level in self.device_levels():
             held = len(select_layers(n, e.bottom, e.top, level, self.layer_scores))
             if held > e.max_layer_share * n or held == n:
                 raise ValueError(
@@ -414,8 +437,11 @@ class ServerModel:
                 adapter = replace(
                     adapter, modules=to_emulator_modules(adapter.modules, emulator.layers)
                 )
-            model = attach_lora(emulator.model, adapter, layers=emulator.adapter_layers)
-            set_adapter_state(model, to_emulator_keys(state, emulator.layers))
+            layers = local_adapter_layers(emulator.layers, self.adapter_layers or [])
+            model = attach_lora(emulator.model, adapter, layers=layers)
+            set_adapter_state(
+                model, to_emulator_keys(keys_on_layers(state, emulator.layers), emulator.layers)
+            )
         try:
             yield model
         finally:

@@ -248,6 +248,11 @@ class FedPEAT(Strategy):
             stats.skipped.append({"node": node, "reason": assignment.reason or str(device_plan)})
             return None
         content = RecordDict({ADAPTER_KEY: arrays})
+        if self.server.partial_adapters:  # `emulator.adapt=held`: the layers it will hold
+            self._received[node] = share = self.server.device_adapter_state(
+                self.state, assignment.level
+            )
+            content[ADAPTER_KEY] = to_record(share)
         if device_plan is not None:
             self._received[node] = self._share(
                 content, self.state, device_plan.modules, device_plan.rank
@@ -437,7 +442,7 @@ class FedPEAT(Strategy):
             states,
             weights,
             self.server.adapter_cfg.r,
-            self.cfg.planner.enabled,
+            self.cfg.planner.enabled or self.server.partial_adapters,
             fill=self.server.initial_state,
             received=received,
             base=self.state,

@@ -12,6 +12,9 @@ from fedpeat.emulator import (
     EmulatorError,
     adapter_region,
     build_emulator,
+    global_adapter_layers,
+    keys_on_layers,
+    local_adapter_layers,
     load_package,
     package,
     save_package,
@@ -198,3 +201,23 @@ def test_corrupt_cache_file_is_dropped(tmp_path, emulator) -> None:
     assert not path.exists()
     with pytest.raises(EmulatorError, match="not in the device cache"):
         load_package(tmp_path, pkg.digest)
+
+
+def test_held_adapter_layers_by_hand() -> None:
+    # 12 layers, 1 + 1 region, middle 1..10: keep 0.4 keeps middle[0, 3, 6, 9] = 1, 4, 7, 10;
+    # keep 0.3 keeps middle[0, 5, 9] = 1, 6, 10 (round(i * 9 / 2), half up).
+    assert global_adapter_layers(12, 1, 1, "region", [0.4, 0.3]) == [0, 11]
+    assert global_adapter_layers(12, 1, 1, "held", [0.4, 0.3]) == [0, 1, 4, 6, 7, 10, 11]
+    keep_03 = select_layers(12, 1, 1, 0.3)
+    assert keep_03 == [0, 1, 6, 10, 11]
+    assert local_adapter_layers(keep_03, [0, 1, 4, 6, 7, 10, 11]) == [0, 1, 2, 3, 4]
+    assert local_adapter_layers(keep_03, [0, 11]) == [0, 4]
+    state = {
+        "m.layers.4.q_proj.lora_A.weight": np.zeros(1),
+        "m.layers.6.q_proj.lora_A.weight": np.ones(1),
+        "m.norm.weight": np.ones(2),
+    }
+    assert sorted(keys_on_layers(state, keep_03)) == [
+        "m.layers.6.q_proj.lora_A.weight",
+        "m.norm.weight",
+    ]

@@ -23,6 +23,7 @@ def _strategy(cfg, shapes) -> FedPEAT:
     server = SimpleNamespace(
         initial_state=_state(0.0, shapes),
         adapter_layers=None,
+        partial_adapters=False,
         adapter_cfg=cfg.adapter,
         full_shape=SimpleNamespace(params=1_000_000),
     )

@@ -4,6 +4,7 @@ the FedPEAT cases, controllers, baselines, planned runs, and faulty devices."""
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -109,6 +110,48 @@ def test_no_dropped_layer_ever_leaves_the_server(
     levels = sorted(d["level"] for d in rows[1]["devices"])
     assert levels == [0.2, 0.4, 0.4]  # budgets 168, 165, 168 MB (experiment/tiny.yaml)
     assert all(r["emulator_ppl"] is not None for r in rows[1:])
+    assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+
+def _layers_of(state: dict[str, np.ndarray]) -> set[int]:
+    return {int(m.group(1)) for k in state if (m := re.search(r"\.layers\.(\d+)\.", k))}
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "exact"])
+def test_held_adapters_cover_every_layer_an_emulator_holds(
+    rule, tmp_path, server_identity, device_disks
+) -> None:
+    cfg = compose(
+        "experiment=tiny rounds=2 emulator.adapt=held strategy.server_train=false "
+        f"strategy.aggregation={rule}"
+    )
+    grid = InProcessGrid(3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(grid, cfg, run_dir)
+    e, n = cfg.emulator, cfg.model.tiny.num_layers
+    union = {i for lv in e.levels for i in select_layers(n, e.bottom, e.top, lv)}
+    region = set(adapter_region(n, e.bottom, e.top))
+    assert union > region  # kept middle layers carry adapters too
+    from fedpeat.protocol import Plan
+
+    trained = 0
+    for msg in grid.sent:
+        if msg.metadata.message_type != "train" or "plan" not in msg.content.config_records:
+            continue
+        plan = Plan.from_json(str(msg.content.config_records["plan"]["plan"]))
+        # Each device receives exactly the adapter layers its emulator holds.
+        assert _layers_of(adapter_of(msg)) == set(plan.emulator.layers)
+        assert len(plan.emulator.layers) <= n // 2
+        trained += 1
+    assert trained == 6
+    final = final_state(run_dir)
+    assert _layers_of(final) == union
+    # The middle layers' adapters learned (B starts at zero), and the plug-in improved.
+    middle_b = [v for k, v in final.items() if "lora_B" in k and _layers_of({k: v}) - region]
+    assert middle_b and any(np.abs(b).sum() > 0 for b in middle_b)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert all(r["num_clients"] == 3 for r in rows[1:])
     assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
 
 

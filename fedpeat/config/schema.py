@@ -67,6 +67,7 @@ class Config:
         self.planner.check()
         self.controller.check(self.emulator.levels)
         self._check_privacy()
+        self._check_adapt()
         self._check_controller()
         check_range("rounds", self.rounds, 1)
 
@@ -98,6 +99,20 @@ class Config:
             )
         if self.strategy.name == "fed_ft":
             raise ConfigError("privacy.enabled is for adapter updates, not strategy.name=fed_ft")
+
+    def _check_adapt(self) -> None:
+        if self.emulator.case == 3 or self.emulator.adapt == "region":
+            return
+        # Under `held` a device trains the global adapter's layers its emulator holds: a
+        # subset that differs by level, which the planner's module choice and the privacy
+        # wrappers' whole-adapter clipping do not model.
+        for section, on in (("planner", self.planner.enabled), ("privacy", self.privacy.enabled)):
+            if on:
+                raise ConfigError(
+                    f"emulator.adapt=held with {section}.enabled=true: a device trains only the "
+                    f"adapter layers its emulator holds, which {section} does not support; use "
+                    f"emulator.adapt=region or {section}=none"
+                )
 
     def _check_controller(self) -> None:
         name = self.controller.name

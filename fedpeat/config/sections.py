@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DISTILL_LOSSES = ("hidden", "layerwise", "kd")
 LAYER_CHOICES = ("uniform", "importance")
+ADAPT_CHOICES = ("region", "held")
 
 
 @dataclass
@@ -269,6 +270,11 @@ class EmulatorConfig:
     layer_choice: str = "uniform"
     """Which middle layers an emulator keeps: `uniform` (evenly spaced, Offsite-Tuning) or
     `importance` (the highest block influence on the server's data, ShortGPT's measure)."""
+    adapt: str = "region"
+    """Which emulator layers carry LoRA: `region` (the bottom and top layers only, the same in
+    every emulator: Offsite-Tuning's rule) or `held` (every layer the emulator holds, the kept
+    middle layers too; each middle delta is plugged into the full model's layer of the same
+    index, and the global adapter covers every layer some level holds)."""
     max_layer_share: float = 0.5
     """Cases 1 and 2: an emulator may hold at most this share of the full model's decoder
     layers, adapter region included (checked on the loaded model before any round)."""
@@ -278,6 +284,7 @@ class EmulatorConfig:
         check_choice("emulator.case", self.case, EMULATOR_CASES)
         check_choice("emulator.wire_dtype", self.wire_dtype, WIRE_DTYPES)
         check_choice("emulator.layer_choice", self.layer_choice, LAYER_CHOICES)
+        check_choice("emulator.adapt", self.adapt, ADAPT_CHOICES)
         check_range("emulator.max_layer_share", self.max_layer_share, 0.0, 1.0, lo_open=True)
         if not self.levels:
             raise ConfigError("emulator.levels is empty; give at least one keep ratio, e.g. [0.5]")
