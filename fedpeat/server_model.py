@@ -411,6 +411,10 @@ class ServerModel:
         `adapter_params` (None: the global adapter's) and activations and unquantized weights
         at `compute_bits` (None: 16 for bits=16, else the model's); plus planner.runtime_mb."""
         shape = self.emulator_shape(level)
+        if adapter_params is None and level is not None and self.partial_adapters:
+            # Under `emulator.adapt=held` a device trains only its emulator's layers' part.
+            part = self.device_adapter_state(self.initial_state, level)
+            adapter_params = int(sum(v.size for v in part.values()))
         model_bits = torch.finfo(getattr(torch, self.cfg.model.dtype)).bits
         bits = bits or model_bits
         if compute_bits is None:

@@ -102,3 +102,20 @@ def test_gap_level_is_the_level_most_devices_trained_on() -> None:
     assert gap_level(cfg, stats) == 0.4  # a tie goes to the larger emulator
     assert gap_level(cfg, RoundStats()) == 0.2  # before any device: the smallest level
     assert gap_level(compose("experiment=tiny emulator=none"), stats) is None
+
+
+def test_held_adapter_covers_the_levels_layers_and_devices_pay_for_their_part() -> None:
+    server = ServerModel(compose("experiment=tiny emulator.adapt=held"))
+    # 12 layers, 1 + 1 region; keep 0.4 holds 0, 1, 4, 7, 10, 11 and keep 0.2 holds 0, 1, 10, 11.
+    assert server.adapter_layers == [0, 1, 4, 7, 10, 11]
+    part = server.device_adapter_state(server.initial_state, 0.2)
+    layers = {int(k.split(".layers.")[1].split(".")[0]) for k in part}
+    assert layers == {0, 1, 10, 11}
+    # Every layer carries the same modules: the keep-0.2 device trains 4/6 of the adapter.
+    assert 6 * sum(v.size for v in part.values()) == 4 * server.adapter_params
+    own = server.memory_need_mb(0.2, adapter_params=4 * server.adapter_params // 6)
+    assert (
+        server.memory_need_mb(0.2)
+        == own
+        < server.memory_need_mb(0.2, adapter_params=server.adapter_params)
+    )
