@@ -224,6 +224,10 @@ def device_latency_s(
     )
 
 
+def _per_device(value: float | Sequence[float], i: int) -> float:
+    return float(value) if isinstance(value, int | float) else float(value[i])
+
+
 def reward(
     ppl: float,
     ppl0: float,
@@ -265,8 +269,8 @@ def price_round(
     swap_counts: list[int],
     round_index: int,
     w: Weights,
-    adapter_bytes: float,
-    tokens: float,
+    adapter_bytes: float | Sequence[float],
+    tokens: float | Sequence[float],
     check_memory: bool = True,
     full_finetune: bool = False,
     server_s: float = 0.0,
@@ -277,7 +281,9 @@ def price_round(
     A swap replaces a held emulator; a first download is an exchange but no swap.
     `check_memory=False`: the caller has already kept devices that do not fit out of `action`
     (the strategy, whose planner may fit a level by quantizing). `server_s`: the server's own
-    compute, added to the slowest device's time."""
+    compute, added to the slowest device's time. `adapter_bytes` (each way) and `tokens` (trained
+    this round) are one figure for every device or one per device (its own plan: rank, modules,
+    batch)."""
     out = RoundOutcome(server_s=server_s)
     for i, a in enumerate(action):
         if a == 0:
@@ -296,7 +302,13 @@ def price_round(
                     out.swap_violations += 1
             holding[i] = a
         t = device_latency_s(
-            profiles[i], float(fading[i]), level, send, adapter_bytes, tokens, full_finetune
+            profiles[i],
+            float(fading[i]),
+            level,
+            send,
+            _per_device(adapter_bytes, i),
+            _per_device(tokens, i),
+            full_finetune,
         )
         out.device_latency_s[i] = t
         out.trained.append(i)

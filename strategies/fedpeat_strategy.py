@@ -318,7 +318,19 @@ class FedPEAT(Strategy):
         # Holdings as they were before this round (replies update them); now that this round's
         # packages exist, a device that already holds its level is recognised by the digest.
         case3 = self.cfg.emulator.case == 3
-        priced = self.control.price_sent(levels_sent, self._holding(), violations, case3).outcome
+        # Each device's own work: the adapter it was sent (rank, modules, held layers) travels
+        # each way, and its plan's batch sets the tokens it trains.
+        work = {
+            node: (
+                4.0 * sum(int(np.prod(shape)) for shape in self._expected[node].values()),
+                float(plan.train.local_steps * plan.train.batch_size * self.cfg.data.max_length),
+            )
+            for node, plan in self._plans.items()
+            if node in self._expected
+        }
+        priced = self.control.price_sent(
+            levels_sent, self._holding(), violations, case3, work
+        ).outcome
         stats.latency_s, stats.swaps = priced.latency_s, priced.swaps
         stats.violations = priced.memory_violations + priced.swap_violations
 

@@ -132,11 +132,21 @@ class OnlineControl:
         return dict(zip(self.nodes, action, strict=True))
 
     def price(
-        self, options: Mapping[int, int], holding: list[int], violations: int = 0
+        self,
+        options: Mapping[int, int],
+        holding: list[int],
+        violations: int = 0,
+        work: Mapping[int, tuple[float, float]] | None = None,
     ) -> Transition:
         """Model the round the strategy is about to run: `options` are the devices actually
-        sent work; `violations` those the controller chose but that cannot hold their level."""
+        sent work; `violations` those the controller chose but that cannot hold their level;
+        `work`: node -> (adapter bytes each way, tokens trained) of its own plan, where it has
+        one (otherwise the global adapter and `train.batch_size`)."""
         action = [int(options.get(n, 0)) for n in self.nodes]
+        work = work or {}
+        default = (self.adapter_bytes, self._tokens)
+        adapter_bytes = [work.get(n, default)[0] for n in self.nodes]
+        tokens = [work.get(n, default)[1] for n in self.nodes]
         outcome = price_round(
             action,
             self.profiles,
@@ -146,8 +156,8 @@ class OnlineControl:
             self.swap_counts,  # updated in place: the devices' swap history
             self.round_index,
             self.weights,
-            self.adapter_bytes,
-            self._tokens,
+            adapter_bytes,
+            tokens,
             check_memory=False,
             full_finetune=self.full_finetune,
             server_s=self.server_s,
@@ -162,14 +172,16 @@ class OnlineControl:
         holding: list[int],
         violations: int = 0,
         full_model: bool = False,
+        work: Mapping[int, tuple[float, float]] | None = None,
     ) -> Transition:
         """`price` for the levels the strategy sent (node -> keep ratio). `holding` as the round
-        began; `full_model` (case 3): devices hold the full model, nothing is downloaded."""
+        began; `full_model` (case 3): devices hold the full model, nothing is downloaded;
+        `work` as in `price`."""
         keeps = [lv.keep for lv in self.levels]
         sent = {n: keeps.index(lv) + 1 for n, lv in levels_sent.items() if lv in keeps}
         if full_model:
             holding = [sent.get(n, 0) for n in self.nodes]
-        return self.price(sent, holding, violations)
+        return self.price(sent, holding, violations, work)
 
     @property
     def _tokens(self) -> float:
