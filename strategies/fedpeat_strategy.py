@@ -31,22 +31,26 @@ from fedpeat.protocol import (
     EMULATOR_KEY,
     PLAN_FIELD,
     PLAN_KEY,
-    RESIDUAL_KEY,
     ROUND_FIELD,
     EmulatorRef,
     Plan,
 )
 from fedpeat.server_model import ServerModel
 from strategies.aggregation import (
-    device_residual,
-    device_share,
     merge_updates,
     update_norm,
     weighted_mean,
 )
 from strategies.control.online import OnlineControl
 from strategies.fleet import Fleet
-from strategies.planning import Assignment, DevicePlan, build_plan, plan_round
+from strategies.planning import (
+    Assignment,
+    DevicePlan,
+    build_plan,
+    device_work,
+    plan_round,
+    put_adapter,
+)
 from strategies.planning import server_levels as priced_levels
 from strategies.privacy import PrivateMean, private_merge
 from strategies.round_stats import (
@@ -248,15 +252,11 @@ class FedPEAT(Strategy):
             stats.skipped.append({"node": node, "reason": assignment.reason or str(device_plan)})
             return None
         content = RecordDict({ADAPTER_KEY: arrays})
-        if self.server.partial_adapters:  # `emulator.adapt=held`: the layers it will hold
-            self._received[node] = share = self.server.device_adapter_state(
-                self.state, assignment.level
-            )
-            content[ADAPTER_KEY] = to_record(share)
-        if device_plan is not None:
-            self._received[node] = self._share(
-                content, self.state, device_plan.modules, device_plan.rank
-            )
+        planned = (device_plan.modules, device_plan.rank) if device_plan else None
+        if share := put_adapter(
+            content, self.cfg, self.server, self.state, assignment.level, planned
+        ):
+            self._received[node] = share  # a part of the global adapter, not all of it
         self._expected[node] = state_shapes(from_record(content.array_records[ADAPTER_KEY]))
         ref, sent_bytes = EmulatorRef(), 0
         if self.cfg.emulator.case != 3:
@@ -286,20 +286,6 @@ class FedPEAT(Strategy):
         )
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
-    def _share(
-        self, content: RecordDict, state: dict[str, np.ndarray], modules: list[str], rank: int
-    ) -> dict[str, np.ndarray]:
-        """Put a planned device's share of the global adapter `state` (and, exact with
-        `strategy.residual`, the frozen rest of it) into `content`; return the share."""
-        exact = self.cfg.strategy.aggregation == "exact"
-        share = device_share(state, modules, rank, exact, self.server.initial_state)
-        content[ADAPTER_KEY] = to_record(share)
-        if exact and self.cfg.strategy.residual:
-            rest = device_residual(state, modules, rank)
-            if rest:
-                content[RESIDUAL_KEY] = to_record(rest)
-        return share
-
     def _emulator_bytes(self, node: int, level: float) -> int:
         pkg = self.server.package(level)
         return 0 if pkg.digest in self.fleet.holdings.get(node, set()) else pkg.nbytes
@@ -318,16 +304,7 @@ class FedPEAT(Strategy):
         # Holdings as they were before this round (replies update them); now that this round's
         # packages exist, a device that already holds its level is recognised by the digest.
         case3 = self.cfg.emulator.case == 3
-        # Each device's own work: the adapter it was sent (rank, modules, held layers) travels
-        # each way, and its plan's batch sets the tokens it trains.
-        work = {
-            node: (
-                4.0 * sum(int(np.prod(shape)) for shape in self._expected[node].values()),
-                float(plan.train.local_steps * plan.train.batch_size * self.cfg.data.max_length),
-            )
-            for node, plan in self._plans.items()
-            if node in self._expected
-        }
+        work = device_work(self._plans, self._expected, self.cfg.data.max_length)
         priced = self.control.price_sent(
             levels_sent, self._holding(), violations, case3, work
         ).outcome
@@ -483,8 +460,8 @@ class FedPEAT(Strategy):
                         ),
                     }
                 )
-                if self.cfg.planner.enabled:
-                    self._share(content, state, plan.adapter.modules, plan.adapter.r)
+                mods = (plan.adapter.modules, plan.adapter.r) if self.cfg.planner.enabled else None
+                put_adapter(content, self.cfg, self.server, state, plan.emulator.keep_ratio, mods)
                 stats.bytes_down += content_bytes(content)
                 messages.append(
                     Message(content, dst_node_id=node, message_type=MessageType.EVALUATE)

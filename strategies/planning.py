@@ -4,16 +4,20 @@ modules under the planner, and the `Plan` a device receives, built by `build_pla
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+from flwr.app import RecordDict
 
 from fedpeat.allocation import Allocation, Option, allocate, option_value
 from fedpeat.config import Config, DeviceProfile
 from fedpeat.cost import Level, MiB, compute_s, rate_bps, transmission_s
-from fedpeat.protocol import EmulatorRef, Plan
+from fedpeat.protocol import ADAPTER_KEY, RESIDUAL_KEY, EmulatorRef, Plan
 from fedpeat.server_model import ServerModel
+from strategies.aggregation import device_residual, device_share
+from strategies.round_stats import to_record
 
 # --------------------------------------------------------------------------- levels
 
@@ -359,3 +363,50 @@ def build_plan(
         budget_mb=budget,
         clipping_norm=clipping_norm,
     )
+
+
+def device_work(
+    plans: Mapping[int, Plan], sent: Mapping[int, Mapping[str, tuple[int, ...]]], max_length: int
+) -> dict[int, tuple[float, float]]:
+    """Node -> (adapter bytes each way, tokens trained) of the work each device was sent: the
+    adapter it received (its rank, matrices, held layers; float32) travels both ways, and its
+    plan's local steps x batch x `max_length` tokens are trained (the cost model's inputs)."""
+    return {
+        node: (
+            4.0 * sum(math.prod(shape) for shape in sent[node].values()),
+            float(plan.train.local_steps * plan.train.batch_size * max_length),
+        )
+        for node, plan in plans.items()
+        if node in sent
+    }
+
+
+def put_adapter(
+    content: RecordDict,
+    cfg: Config,
+    server: ServerModel,
+    state: Mapping[str, np.ndarray],
+    level: float,
+    planned: tuple[list[str], int] | None,
+) -> dict[str, np.ndarray] | None:
+    """Put into `content` what of the global adapter `state` a device at `level` is sent, and
+    return it (None: the whole adapter, already in `content`). A planned device (`planned`: its
+    matrices and rank) gets those matrices at its rank (`device_share`) and, `exact` with
+    `strategy.residual`, the frozen rest; under `emulator.adapt=held` a device gets the layers
+    its emulator holds."""
+    share = None
+    if planned is not None:
+        exact = cfg.strategy.aggregation == "exact"
+        modules, rank = planned
+        share = device_share(dict(state), modules, rank, exact, server.initial_state)
+        if (
+            exact
+            and cfg.strategy.residual
+            and (rest := device_residual(dict(state), modules, rank))
+        ):
+            content[RESIDUAL_KEY] = to_record(rest)
+    elif server.partial_adapters:
+        share = server.device_adapter_state(dict(state), level)
+    if share is not None:
+        content[ADAPTER_KEY] = to_record(share)
+    return share

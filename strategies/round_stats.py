@@ -5,14 +5,16 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 
 from fedpeat.protocol import METRICS_KEY
 from strategies.aggregation import weighted_mean
-from strategies.planning import DevicePlan
+
+if TYPE_CHECKING:  # planning puts adapters into records with this module's helpers
+    from strategies.planning import DevicePlan
 
 
 def _scalar_bytes(value: Any) -> int:
