@@ -11,7 +11,8 @@ Rows, per data set (E2E when ../shared/data/e2e is present, and Shakespeare):
   importance    the same with the middle layers chosen by block influence, not uniformly
   fedpeat_9_rounds  the same with three times the rounds (the one row with other rounds)
   held          the default emulators with LoRA on every layer they hold (`emulator.adapt=held`)
-  held_1500     the same, every device on keep 0.4 (14 of 30 layers) distilled for 1,500 steps
+  held_kd       held layers, emulators distilled with `kd` alone (output KL) instead of layer-wise
+  held_1500     held, every device on keep 0.4 (14 of 30 layers) distilled for 1,500 steps
                 instead of 100 (the lean loop's strongest lever; budgets raised so all fit it)
   server        the server alone: its own data, no devices, same steps per round
   centralised   one LoRA with FedPEAT's adapter on the pooled device data, as many steps as
@@ -45,7 +46,7 @@ DATA = {"e2e": "experiment=e2e eval.test_samples=200", "shakespeare": "eval.test
 # would sit out, while case 3 and the region row (the full model, no memory check) train all six:
 # the emulator rows raise their budgets so every row learns from the same six devices' data.
 E2E_BUDGETS = "devices.profiles.3.memory_mb=700 devices.profiles.4.memory_mb=650"
-EMULATOR_ROWS = ("undistilled", "fedpeat", "importance", "fedpeat_9_rounds", "held")
+EMULATOR_ROWS = ("undistilled", "fedpeat", "importance", "fedpeat_9_rounds", "held", "held_kd")
 ROWS = {
     "case3": "emulator=none",
     "region": "emulator=none",  # + adapter.modules: the adapter region's matrices
@@ -55,6 +56,7 @@ ROWS = {
     # Not the same rounds as the others: how far more rounds take the emulators' adapter.
     "fedpeat_9_rounds": "rounds=9",
     "held": "emulator.adapt=held",
+    "held_kd": "emulator.adapt=held emulator.distill.loss=kd",
     "held_1500": "emulator.adapt=held emulator.distill.steps=1500 emulator.levels=[0.4] "
     + " ".join(f"devices.profiles.{i}.memory_mb=900" for i in (1, 2, 3, 4)),
 }
@@ -175,6 +177,7 @@ ORDER = [
     "fedpeat",
     "importance",
     "held",
+    "held_kd",
     "held_1500",
     "server",
     "centralised",
@@ -241,6 +244,7 @@ def ratios(rows: dict[str, Any]) -> list[str]:
     labels = (
         ("fedpeat", "FedPEAT"),
         ("held", "FedPEAT, LoRA on every held layer,"),
+        ("held_kd", "FedPEAT, held layers, kd distillation,"),
         ("held_1500", "FedPEAT, held layers, keep 0.4 distilled 1,500 steps,"),
         ("fedpeat_9_rounds", "FedPEAT, 9 rounds,"),
     )
