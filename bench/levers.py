@@ -17,7 +17,10 @@ the adapter region only; emu: devices train on an emulator), keep, bottom, top, 
 steps (local), rounds, choice (uniform / importance), distill (steps), dloss, dlr, adapt
 (region: LoRA on the adapter region only, Offsite-Tuning's rule; held: on every layer the
 emulator holds, the kept middle layers included, each delta plugged into the full model's layer
-of the same index).
+of the same index), share (true: layer sharing, CRaSh-style and training-free, so without
+distill: the emulator keeps the full model's depth, each dropped layer run by the kept layer
+below it; the kept layers' deltas are plugged into every layer they ran for, and into the kept
+layers alone as `kept_only_*`).
 """
 
 from __future__ import annotations
@@ -114,6 +117,8 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("choice") == "importance":
             scores = block_influence(full, server, 4, 8, pad, dev)
         emu = build_emulator(full, spec["keep"], bottom, top, scores=scores)
+        if spec.get("distill") and spec.get("share"):
+            raise SystemExit("share is training-free here: drop distill")
         if spec.get("distill"):
             dcfg = replace(
                 cfg.emulator.distill,
@@ -126,6 +131,13 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         model, layers = emu.model, emu.layers
         if spec.get("adapt", "region") == "held":
             region = list(layers)
+        if spec.get("share"):
+            # Layer sharing: the model keeps its depth, each dropped layer run by the kept
+            # layer below it; its indices are the full model's, so keys need no remapping.
+            kept = list(layers)
+            model, layers = shared_model(full, kept), list(range(n))
+            if spec.get("adapt", "region") == "held":
+                region = kept
     build_s = time.time() - began
     work = attach_lora(
         copy.deepcopy(model), adapter, layers=None if region is None else _local(layers, region)
@@ -142,10 +154,11 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
     set_adapter_state(work, state)
     emu_ppl = evaluate_ppl(work, held, 8, pad, dev).ppl
     full_state = to_full_keys(state, layers) if kind == "emu" else state
+    kept_layers = region or list(range(n))
     out: dict[str, Any] = {
         "task": task,
         **spec,
-        "layers_held": len(layers),
+        "layers_held": len(kept_layers) if spec.get("share") else len(layers),
         "emulator_ppl": emu_ppl,
         "build_s": build_s,
     }
@@ -154,12 +167,28 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
         # Also plug in the adapter region's part alone: the kept middle layers' deltas then
         # only serve training on the emulator (they absorb its repair), not the full model.
         plugs["region_only_"] = adapter_region(n, bottom, top)
+    if spec.get("share"):
+        # Each kept layer's delta goes to every position that layer ran (CRaSh's plug-in);
+        # also plugged into the kept layers alone.
+        plugs = {"": list(range(n)), "kept_only_": kept_layers}
+        full_state = replicate_shared(full_state, kept_layers, n)
     for prefix, plug_layers in plugs.items():
         plug = attach_lora(copy.deepcopy(full), adapter, layers=plug_layers)
         set_adapter_state(plug, keys_on_layers(full_state, plug_layers or range(n)))
         out[f"{prefix}plugin_ppl"] = evaluate_ppl(plug, held, 8, pad, dev).ppl
         if split["prompts"]:
             out.update(_task_scores(plug, tok, split["prompts"], pad, dev, prefix))
+        if prefix == "" and kind == "emu" and spec.get("kd_back"):
+            # Knowledge back: the plug-in imitates the emulator carrying the adapter on the
+            # emulator's own greedy answers to the server's prompts (no server labels used).
+            if split["prompts"]:
+                out.update(_task_scores(work, tok, split["prompts"], pad, dev, "emulator_"))
+            prompts = sorted({s["prompt"] for s in split["server"]})
+            ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
+            kd_back(work, plug, ids, spec["kd_back"], spec.get("kd_lr", 3e-4), pad, tok, dev)
+            out["kd_back_plugin_ppl"] = evaluate_ppl(plug, held, 8, pad, dev).ppl
+            if split["prompts"]:
+                out.update(_task_scores(plug, tok, split["prompts"], pad, dev, "kd_back_"))
     out["wall_s"] = time.time() - began
     return out
 
@@ -180,6 +209,77 @@ def _task_scores(
             np.mean([metrics.rouge_l(h, r) for h, r in zip(hyps, refs, strict=True)])
         ),
     }
+
+
+def kd_back(
+    teacher: Any,
+    student: Any,
+    prompts: list[list[int]],
+    steps: int,
+    lr: float,
+    pad: int,
+    tok: Any,
+    dev: torch.device,
+) -> None:
+    """`steps` AdamW steps of KL(teacher || student) on the teacher's greedy answers."""
+    from fedpeat.data import Encoded
+    from fedpeat.distill import token_kl
+    from fedpeat.train import collate, generate_greedy
+
+    gen = generate_greedy(teacher, prompts, 48, 16, pad, tok.eos_token_id, dev)
+    eos = [tok.eos_token_id] if tok.eos_token_id is not None else []
+    data = [
+        Encoded(input_ids=p + g + eos, labels=[-100] * len(p) + g + eos)
+        for p, g in zip(prompts, gen, strict=True)
+    ]
+    params = [p for p in student.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=lr)
+    rng = np.random.default_rng(0)
+    student.train()
+    for _ in range(steps):
+        idx = rng.choice(len(data), size=min(8, len(data)), replace=False)
+        batch = collate([data[i] for i in idx], pad)
+        mask = batch["labels"][:, 1:] != -100
+        with torch.no_grad():
+            t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = token_kl(s.logits[:, :-1], t.logits[:, :-1], mask)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        optim.step()
+    student.eval()
+
+
+def shared_model(full: Any, kept: list[int]) -> Any:
+    """The full model's depth with only `kept` layers' weights: position i runs the nearest
+    kept layer at or below i (the same module object, so weights and adapters are shared)."""
+    import torch.nn as nn
+
+    model = copy.deepcopy(full)
+    layers = model.model.layers
+    rep = [max(k for k in kept if k <= i) for i in range(len(layers))]
+    model.model.layers = nn.ModuleList([layers[r] for r in rep])
+    # A shared attention module has one cache slot: run without the KV cache.
+    model.config.use_cache = False
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def replicate_shared(state: dict[str, Any], kept: list[int], n: int) -> dict[str, Any]:
+    """Copy each kept layer's adapter keys to the positions it ran for in `shared_model`."""
+    import re
+
+    out = dict(state)
+    for i in range(n):
+        r = max(k for k in kept if k <= i)
+        if r == i:
+            continue
+        for key, value in state.items():
+            m = re.search(r"\.layers\.(\d+)\.", key)
+            if m and int(m.group(1)) == r:
+                out[key.replace(f".layers.{r}.", f".layers.{i}.")] = value
+    return out
 
 
 def _local(layers: list[int], region: list[int]) -> list[int]:
