@@ -77,9 +77,13 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
     from fedpeat.distill import distill
     from fedpeat.emulator import adapter_region, build_emulator, keys_on_layers, to_full_keys
     from fedpeat.importance import block_influence
-    from fedpeat.lora import attach_lora, get_adapter_state, set_adapter_state
+    from fedpeat.lora import (
+        attach_lora,
+        get_adapter_state,
+        initial_adapter_state,
+        set_adapter_state,
+    )
     from fedpeat.model import load_model, load_tokenizer
-    from fedpeat.server_model import initial_adapter_state
     from fedpeat.train import evaluate_ppl, local_train
     from strategies.aggregation import weighted_average
 

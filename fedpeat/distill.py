@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fedpeat.config import DistillConfig
-from fedpeat.data import Encoded
+from fedpeat.config import AlignConfig, DistillConfig
+from fedpeat.data import Encoded, Sample
 from fedpeat.emulator import Emulator, layer_prefix
 from fedpeat.train import batches, collate
 
@@ -209,3 +209,125 @@ def distill(
 def _base(model: torch.nn.Module) -> torch.nn.Module:
     """The decoder without the LM head (no vocabulary projection needed for hidden states)."""
     return getattr(model, "model", model)
+
+
+# --------------------------------------------------------------------------- knowledge back
+
+
+def align_inputs(
+    samples: Sequence[Sample], tokenizer: Any, max_length: int, limit: int
+) -> list[Encoded]:
+    """The server's inputs for knowledge back, at most `limit`: each distinct prompt alone
+    (every label -100: the teacher answers it), or a text sample as `encode` makes it."""
+    from fedpeat.data import encode
+
+    out: list[Encoded] = []
+    seen: set[str] = set()
+    for s in samples:
+        if len(out) >= limit:
+            break
+        if not s.get("prompt"):
+            out.extend(encode([s], tokenizer, max_length))
+        elif s["prompt"] not in seen:
+            seen.add(s["prompt"])
+            ids = tokenizer(s["prompt"], add_special_tokens=False)["input_ids"][:max_length]
+            out.append(Encoded(ids, [-100] * len(ids)))
+    return out
+
+
+@torch.no_grad()
+def teacher_data(
+    teacher: torch.nn.Module,
+    inputs: Sequence[Encoded],
+    max_new_tokens: int,
+    max_length: int,
+    batch_size: int,
+    pad_id: int,
+    eos_id: int | None,
+    device: torch.device,
+) -> list[Encoded]:
+    """What the plug-in imitates the emulator on. A prompt (`labels` -100 on every position of
+    the input) is completed by the teacher's greedy answer and the answer is compared; text
+    without a prompt is compared where it has labels. The inputs' own labels never become
+    targets: the teacher's distributions are the targets."""
+    from fedpeat.train import generate_greedy
+
+    prompts = [e.input_ids for e in inputs if all(x == -100 for x in e.labels)]
+    text = [e for e in inputs if not all(x == -100 for x in e.labels)]
+    answers = generate_greedy(teacher, prompts, max_new_tokens, batch_size, pad_id, eos_id, device)
+    eos = [eos_id] if eos_id is not None else []
+    out = list(text)
+    for prompt, answer in zip(prompts, answers, strict=True):
+        ids = (prompt + answer + eos)[:max_length]
+        labels = ([-100] * len(prompt) + answer + eos)[:max_length]
+        if any(x != -100 for x in labels[1:]):
+            out.append(Encoded(ids, labels))
+    return out
+
+
+def align(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    inputs: Sequence[Encoded],
+    cfg: AlignConfig,
+    max_length: int,
+    pad_id: int,
+    eos_id: int | None,
+    device: torch.device,
+    seed: int = 0,
+) -> tuple[list[float], int]:
+    """Knowledge back on `inputs` (`align_inputs`): the teacher answers, the student imitates;
+    the loss per step and the number of sequences it learned from."""
+    data = teacher_data(
+        teacher, inputs, cfg.max_new_tokens, max_length, cfg.batch_size, pad_id, eos_id, device
+    )
+    losses = knowledge_back(
+        teacher, student, data, cfg.steps, cfg.lr, cfg.batch_size, pad_id, device, seed
+    )
+    return losses, len(data)
+
+
+def knowledge_back(
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    data: Sequence[Encoded],
+    steps: int,
+    lr: float,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    seed: int = 0,
+) -> list[float]:
+    """`steps` AdamW steps of the student's trainable parameters (the plug-in's adapter) on
+    KL(teacher || student) over the positions `data` labels; returns the loss per step.
+
+    No dropout (both run in eval mode; gradients still flow), so the targets and the student's
+    outputs are deterministic, and no weight decay: only the KL moves the adapter."""
+    if not data:
+        raise ValueError("knowledge back needs server inputs (data.server_train_fraction)")
+    params = [p for p in student.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    rng = np.random.default_rng(seed)
+    order: list[int] = []
+    losses: list[float] = []
+    teacher.eval()
+    student.eval()
+    for _ in range(steps):
+        chunk = []
+        for _ in range(min(batch_size, len(data))):
+            if not order:
+                order = rng.permutation(len(data)).tolist()
+            chunk.append(data[order.pop()])
+        batch = collate(chunk, pad_id)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        scored = (batch["labels"][:, 1:] != -100).to(device)
+        with torch.no_grad():
+            target = teacher(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        logits = student(input_ids=ids, attention_mask=mask).logits[:, :-1]
+        loss = token_kl(logits, target, scored)
+        optim.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optim.step()
+        losses.append(float(loss.detach()))
+    return losses

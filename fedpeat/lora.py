@@ -191,3 +191,16 @@ def frozen_residual(model: PeftModel, residual: Mapping[str, np.ndarray]) -> Ite
     finally:
         for handle in handles:
             handle.remove()
+
+
+def initial_adapter_state(template: AdapterState, seed: int) -> AdapterState:
+    """A from `seed` with PEFT's Kaiming-uniform bound 1/sqrt(fan_in), B zero."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for key, value in template.items():
+        if "lora_A" in key:
+            bound = 1.0 / np.sqrt(value.shape[1])
+            out[key] = rng.uniform(-bound, bound, value.shape).astype(np.float32)
+        else:
+            out[key] = np.zeros_like(value)
+    return out

@@ -7,20 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial
 from typing import Any
 
-import numpy as np
 import torch
 from peft import PeftModel
 
-from fedpeat.config import (
-    AdapterConfig,
-    Config,
-)
+from fedpeat.config import AdapterConfig, Config
 from fedpeat.cost import MiB, ModelShape, training_memory_bytes
 from fedpeat.data import encode, eval_prompts, server_data, server_train_data
 from fedpeat.emulator import (
@@ -54,6 +51,7 @@ from fedpeat.lora import (
     AdapterState,
     attach_lora,
     get_adapter_state,
+    initial_adapter_state,
     lora_model,
     set_adapter_state,
 )
@@ -311,6 +309,20 @@ class ServerModel:
         new = full_state(self.full) if self.full_ft else get_adapter_state(self.model)
         return new, result, len(self.train_data)
 
+    def align(self, state: AdapterState, level: float) -> tuple[AdapterState, dict[str, Any]]:
+        """Knowledge back (`emulator.align`): the plug-in carrying `state` learns to imitate the
+        emulator at `level` carrying it, on the server's inputs (never its labels)."""
+        from fedpeat.distill import align, align_inputs
+
+        a, began, n = self.cfg.emulator.align, time.perf_counter(), self.cfg.data.max_length
+        inputs = align_inputs(server_train_data(self.cfg.data), self.tokenizer, n, a.samples)
+        with self._emulator_with(level, state) as teacher:
+            eos, student = self.tokenizer.eos_token_id, self._load(state)
+            losses, used = align(teacher, student, inputs, a, n, self.pad_id, eos, self.device)
+        info = {"level": level, "steps": a.steps, "sequences": used, "loss_first": losses[0]}
+        info |= {"loss_last": losses[-1], "s": time.perf_counter() - began}
+        return get_adapter_state(self.model), info
+
     # -- emulators
 
     def emulator(self, level: float) -> Emulator:
@@ -482,16 +494,3 @@ class ServerModel:
         set_adapter_state(self.model, state)
         self.model.peft_config["default"].base_model_name_or_path = base_location
         self.model.save_pretrained(directory)
-
-
-def initial_adapter_state(template: AdapterState, seed: int) -> AdapterState:
-    """A from `seed` with PEFT's Kaiming-uniform bound 1/sqrt(fan_in), B zero."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for key, value in template.items():
-        if "lora_A" in key:
-            bound = 1.0 / np.sqrt(value.shape[1])
-            out[key] = rng.uniform(-bound, bound, value.shape).astype(np.float32)
-        else:
-            out[key] = np.zeros_like(value)
-    return out

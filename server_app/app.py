@@ -99,7 +99,7 @@ def _run(
     if resume is not None:
         strategy.restore(resume.strategy)
         recorder.metrics.restore(resume.rows)
-        recorder.state = initial = resume.state
+        recorder.state = recorder.device_state = initial = resume.state
         recorder.start -= float(resume.rows[-1].get("elapsed_s") or 0.0)  # time continues
         first_round = resume.round + 1
         restore_rngs(resume)
@@ -125,7 +125,8 @@ def _run(
     level = gap_level(cfg, strategy.stats.get(cfg.rounds) or RoundStats())
     base = server.report(server.initial_state, "test")
     plugin = server.report(recorder.state, "test")
-    emulator = {} if level is None else server.report(recorder.state, "test", level)
+    # The emulator carries what the devices trained (before knowledge back, if any).
+    emulator = {} if level is None else server.report(recorder.device_state, "test", level)
     test = {"base": base, "plugin": plugin, "emulator": emulator, "emulator_level": level}
     write_json_atomic(run_dir / "test.json", test)
     best = min(rows, key=lambda r: r["plugin_ppl"])

@@ -47,13 +47,17 @@ class RoundRecorder:
         self.metrics = MetricsLog(run_dir / "metrics.jsonl")
         self.start = time.perf_counter()
         self.state: dict[str, np.ndarray] = dict(server.initial_state)
+        # What the devices trained (the emulator carries it for the gap); `state` differs only
+        # after knowledge back, which changes the plug-in's adapter alone.
+        self.device_state = self.state
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        self.state = from_record(arrays)
+        self.state = self.device_state = from_record(arrays)
         began = time.perf_counter()
+        aligned = self._align(server_round)
         result = self.server.evaluate(self.state)
         stats = self.strategy.end_round(server_round, result.ppl)
-        checks = self._checks(server_round, stats, result.ppl)
+        checks = {**aligned, **self._checks(server_round, stats, result.ppl)}
         elapsed = time.perf_counter() - self.start
         row = {
             "round": server_round,
@@ -65,10 +69,10 @@ class RoundRecorder:
             "elapsed_s": elapsed,
         }
         self.metrics.append(row)
-        save_checkpoint(
+        save_checkpoint(  # a resumed run continues from what the devices trained
             self.run_dir,
             server_round,
-            self.state,
+            self.device_state,
             self.metrics.rows,
             self.strategy.resume_state(),
             self.cfg,
@@ -76,6 +80,24 @@ class RoundRecorder:
         plot_metrics(self.metrics.rows, self.run_dir)
         self._progress(server_round, result.ppl, stats, elapsed)
         return MetricRecord({"plugin_ppl": result.ppl})
+
+    def _align(self, server_round: int) -> dict[str, Any]:
+        """Knowledge back after the last round (`emulator.align.steps` > 0): the plug-in's
+        adapter becomes the aligned one; the row keeps the figures from before it."""
+        stats = self.strategy.stats.get(server_round) or RoundStats()
+        level = gap_level(self.cfg, stats)
+        steps = self.cfg.emulator.align.steps
+        if not steps or server_round != self.rounds or level is None or self.server.full_ft:
+            return {}
+        before: dict[str, Any] = {"plugin_ppl_before": self.server.evaluate(self.state).ppl}
+        if self.cfg.eval.metrics:
+            scored = self.server.task_scores(self.state)
+            if scored is not None:
+                before["task_before"] = {m: scored.value(m) for m in self.cfg.eval.metrics}
+        self.state, info = self.server.align(self.state, level)
+        kl = (info["loss_first"], info["loss_last"])
+        log(INFO, "knowledge back: %d steps, KL %.4f -> %.4f", steps, *kl)
+        return {"align": {**info, **before}}
 
     def _checks(self, server_round: int, stats: RoundStats, plugin_ppl: float) -> dict[str, Any]:
         """Validation figures beyond the plug-in perplexity: task metrics (every `eval.every`
@@ -89,7 +111,7 @@ class RoundRecorder:
                 out["task"] = {m: scored.value(m) for m in ev.metrics}
         level = gap_level(self.cfg, stats)
         if ev.emulator_gap and level is not None:
-            emu = self.server.emulator_ppl(level, self.state)
+            emu = self.server.emulator_ppl(level, self.device_state)
             out["gap"] = {
                 "level": level,
                 "emulator_ppl": emu.ppl,

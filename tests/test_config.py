@@ -108,6 +108,8 @@ def test_override_string_is_shell_split() -> None:
         ("emulator=shared emulator.shared_level=1.0", "emulator.shared_level = 1.0 keeps every"),
         ("emulator.distill.loss=mse", "emulator.distill.loss='mse' is not allowed"),
         ("emulator.distill.loss=hidden+layerwise", "`layerwise` already includes `hidden`"),
+        ("emulator.align.steps=-1", "emulator.align.steps=-1 is out of range"),
+        ("emulator.align.lr=0", "emulator.align.lr=0.0 is out of range"),
         ("emulator.layer_choice=random", "emulator.layer_choice='random' is not allowed"),
         ("emulator.adapt=all", "emulator.adapt='all' is not allowed"),
         ("emulator.adapt=held experiment=fedpipe", "emulator.adapt=held with planner.enabled"),

@@ -141,3 +141,82 @@ def test_middle_block_alone_reproduces_the_whole_forward(full, tokenizer) -> Non
     real = mask.bool()
     for j, i in enumerate(range(3, 10)):
         torch.testing.assert_close(outs[j][real], states.hidden_states[i][real])
+
+
+def test_align_inputs_keep_prompts_alone_and_text_whole(tokenizer) -> None:
+    from fedpeat.distill import align_inputs
+
+    samples = [
+        {"prompt": "Q: one A: ", "response": "1"},
+        {"prompt": "Q: one A: ", "response": "uno"},  # same prompt: once
+        {"prompt": "", "response": "plain text of a play"},
+        {"prompt": "Q: two A: ", "response": "2"},
+    ]
+    out = align_inputs(samples, tokenizer, 64, limit=10)
+    assert len(out) == 3
+    one = tokenizer("Q: one A: ", add_special_tokens=False)["input_ids"]
+    assert out[0].input_ids == one and out[0].labels == [-100] * len(one)  # no label survives
+    assert out[1].labels[1:] == out[1].input_ids[1:]  # text: compared where encode labels it
+    assert len(align_inputs(samples, tokenizer, 64, limit=2)) == 2
+
+
+def test_teacher_data_appends_the_teachers_answer(full, tokenizer) -> None:
+    from fedpeat.data import Encoded
+    from fedpeat.distill import teacher_data
+    from fedpeat.train import generate_greedy
+
+    prompt = tokenizer("Q: two A: ", add_special_tokens=False)["input_ids"]
+    text = Encoded([5, 6, 7], [5, 6, 7])
+    inputs = [Encoded(prompt, [-100] * len(prompt)), text]
+    cpu = torch.device("cpu")
+    out = teacher_data(full, inputs, 4, 64, 2, tokenizer.pad_token_id, None, cpu)
+    answer = generate_greedy(full, [prompt], 4, 1, tokenizer.pad_token_id, None, cpu)[0]
+    assert len(answer) == 4  # no EOS id: the full budget
+    assert out[0] is text
+    assert out[1].input_ids == prompt + answer
+    assert out[1].labels == [-100] * len(prompt) + answer
+    # Truncation to max_length keeps the prompt and cuts the answer.
+    cut = teacher_data(full, inputs[:1], 4, len(prompt) + 1, 2, tokenizer.pad_token_id, None, cpu)
+    assert cut[0].input_ids == prompt + answer[:1]
+
+
+def test_knowledge_back_moves_the_student_to_the_teacher_only(tiny_cfg, full, tokenizer) -> None:
+    """A student equal to its teacher starts at KL 0 (no dropout noise); one that differs is
+    pulled towards the teacher on the compared tokens, and only its adapter moves."""
+    import copy
+
+    from fedpeat.data import encode, server_train_data
+    from fedpeat.distill import knowledge_back, token_kl
+    from fedpeat.lora import attach_lora, get_adapter_state, set_adapter_state
+    from fedpeat.train import collate
+
+    cpu, pad = torch.device("cpu"), tokenizer.pad_token_id
+    data = encode(server_train_data(tiny_cfg.data), tokenizer, 24)[:16]
+    student = attach_lora(copy.deepcopy(full), tiny_cfg.adapter)
+    state = get_adapter_state(student)
+    teacher = copy.deepcopy(student)
+    assert knowledge_back(teacher, student, data, 1, 0.0, 4, pad, cpu) == pytest.approx([0.0])
+
+    # The teacher: the same model with another adapter (random B); the student's B is zero.
+    rng = np.random.default_rng(0)
+    other = {
+        k: (rng.normal(0, 0.05, v.shape).astype(np.float32) if "lora_B" in k else v)
+        for k, v in state.items()
+    }
+    set_adapter_state(teacher, other)
+    batch = collate(data, pad)
+    mask = batch["labels"][:, 1:] != -100
+
+    def kl() -> float:
+        with torch.no_grad():
+            kw = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+            return float(token_kl(student(**kw).logits[:, :-1], teacher(**kw).logits[:, :-1], mask))
+
+    before = kl()
+    knowledge_back(teacher, student, data, 40, 1e-3, 4, pad, cpu)
+    assert before > 0 and kl() < 0.5 * before
+    # Only the adapter learned: the base weights are the model's.
+    torch.testing.assert_close(
+        student.base_model.model.model.layers[0].mlp.up_proj.weight,
+        full.model.layers[0].mlp.up_proj.weight,
+    )

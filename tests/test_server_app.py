@@ -155,6 +155,35 @@ def test_held_adapters_cover_every_layer_an_emulator_holds(
     assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
 
 
+def test_knowledge_back_aligns_the_exported_plugin_only(
+    tmp_path, server_identity, device_disks
+) -> None:
+    """After the last round the plug-in's adapter learns from the emulator carrying it: the
+    exported adapter is the aligned one; the checkpoint (what a resumed run continues from)
+    keeps what the devices trained, and the row keeps the figures from before."""
+    from safetensors.numpy import load_file
+
+    cfg = compose(
+        "experiment=tiny rounds=2 emulator.adapt=held strategy.server_train=false "
+        "emulator.align.steps=4 emulator.align.samples=16 emulator.align.max_new_tokens=8"
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert "align" not in rows[1]
+    align = rows[2]["align"]
+    assert (
+        align["steps"] == 4 and align["sequences"] == 16 and align["level"] in cfg.emulator.levels
+    )
+    assert align["plugin_ppl_before"] != rows[2]["plugin_ppl"]
+    assert rows[2]["gap"]["plugin_ppl"] == rows[2]["plugin_ppl"]
+    devices = final_state(run_dir)
+    exported = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+    assert set(exported) == set(devices)
+    assert any(not np.array_equal(exported[k], devices[k]) for k in devices)
+
+
 def test_devices_that_hold_the_emulator_are_not_sent_it_again(
     tmp_path, server_identity, device_disks
 ) -> None:

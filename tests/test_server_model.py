@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from fedpeat.config import compose
-from fedpeat.lora import set_adapter_state
+from fedpeat.lora import initial_adapter_state, set_adapter_state
 from fedpeat.model import load_model
-from fedpeat.server_model import ServerModel, initial_adapter_state
+from fedpeat.server_model import ServerModel
 
 
 def _planner_cfg(*extra: str):

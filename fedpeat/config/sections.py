@@ -251,6 +251,31 @@ class DistillConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Knowledge back to the plug-in: after the last round the full model carrying the global
+    adapter learns to imitate the emulator carrying it (token KL), on the server's own inputs:
+    its prompts with the emulator's greedy answers, or its text where the data has no prompts.
+    The server's labels are never used, so what is learned is what the devices taught the
+    emulator; the exported adapter is the aligned one."""
+
+    steps: int = 0
+    """AdamW steps of the full model's adapter (0: off)."""
+    lr: float = 1.0e-3
+    batch_size: int = 8
+    samples: int = 256
+    """Server training rows whose inputs are used (distinct prompts, where there are prompts)."""
+    max_new_tokens: int = 48
+    """Longest emulator answer generated per prompt."""
+
+    def check(self) -> None:
+        check_range("emulator.align.steps", self.steps, 0)
+        check_range("emulator.align.lr", self.lr, 0.0, lo_open=True)
+        check_range("emulator.align.batch_size", self.batch_size, 1)
+        check_range("emulator.align.samples", self.samples, 1)
+        check_range("emulator.align.max_new_tokens", self.max_new_tokens, 1)
+
+
+@dataclass
 class EmulatorConfig:
     """Which compressed model each device trains on (FedPEAT cases)."""
 
@@ -279,6 +304,7 @@ class EmulatorConfig:
     """Cases 1 and 2: an emulator may hold at most this share of the full model's decoder
     layers, adapter region included (checked on the loaded model before any round)."""
     distill: DistillConfig = field(default_factory=DistillConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
 
     def check(self) -> None:
         check_choice("emulator.case", self.case, EMULATOR_CASES)
@@ -309,6 +335,7 @@ class EmulatorConfig:
                 "emulator.bottom + emulator.top is 0: the adapter region would be empty"
             )
         self.distill.check()
+        self.align.check()
 
 
 TASK_METRICS = ("bleu", "rouge_l", "exact_match")
