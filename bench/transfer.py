@@ -14,6 +14,8 @@ Rows, per data set (E2E when ../shared/data/e2e is present, and Shakespeare):
   held_kd       held layers, emulators distilled with `kd` alone (output KL) instead of layer-wise
   held_1500     held, every device on keep 0.4 (14 of 30 layers) distilled for 1,500 steps
                 instead of 100 (the lean loop's strongest lever; budgets raised so all fit it)
+  held_align    held, then knowledge back: after the last round the plug-in's adapter imitates
+                the emulator carrying it on the server's prompts (no server labels), 96 steps
   server        the server alone: its own data, no devices, same steps per round
   centralised   one LoRA with FedPEAT's adapter on the pooled device data, as many steps as
                 all devices took together
@@ -46,7 +48,15 @@ DATA = {"e2e": "experiment=e2e eval.test_samples=200", "shakespeare": "eval.test
 # would sit out, while case 3 and the region row (the full model, no memory check) train all six:
 # the emulator rows raise their budgets so every row learns from the same six devices' data.
 E2E_BUDGETS = "devices.profiles.3.memory_mb=700 devices.profiles.4.memory_mb=650"
-EMULATOR_ROWS = ("undistilled", "fedpeat", "importance", "fedpeat_9_rounds", "held", "held_kd")
+EMULATOR_ROWS = (
+    "undistilled",
+    "fedpeat",
+    "importance",
+    "fedpeat_9_rounds",
+    "held",
+    "held_kd",
+    "held_align",
+)
 ROWS = {
     "case3": "emulator=none",
     "region": "emulator=none",  # + adapter.modules: the adapter region's matrices
@@ -57,6 +67,7 @@ ROWS = {
     "fedpeat_9_rounds": "rounds=9",
     "held": "emulator.adapt=held",
     "held_kd": "emulator.adapt=held emulator.distill.loss=kd",
+    "held_align": "emulator.adapt=held emulator.align.steps=96",
     "held_1500": "emulator.adapt=held emulator.distill.steps=1500 emulator.levels=[0.4] "
     + " ".join(f"devices.profiles.{i}.memory_mb=900" for i in (1, 2, 3, 4)),
 }
@@ -179,6 +190,7 @@ ORDER = [
     "held",
     "held_kd",
     "held_1500",
+    "held_align",
     "server",
     "centralised",
     "fedpeat_9_rounds",
@@ -246,6 +258,7 @@ def ratios(rows: dict[str, Any]) -> list[str]:
         ("held", "FedPEAT, LoRA on every held layer,"),
         ("held_kd", "FedPEAT, held layers, kd distillation,"),
         ("held_1500", "FedPEAT, held layers, keep 0.4 distilled 1,500 steps,"),
+        ("held_align", "FedPEAT, held layers, knowledge back,"),
         ("fedpeat_9_rounds", "FedPEAT, 9 rounds,"),
     )
     for name, label in labels:
@@ -271,20 +284,28 @@ def main() -> None:
         action="store_true",
         help="write the tables from the federated runs already under runs/bench (no new runs)",
     )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the rows of the committed bench/results/transfer.json that this call does "
+        "not run (a new row on another machine without re-running the others)",
+    )
     args = parser.parse_args()
     from fedpeat.config import compose
 
+    kept = json.loads((RESULTS / "transfer.json").read_text())["data"] if args.merge else {}
     results: dict[str, Any] = {"machine": machine(), "rounds": compose("").rounds, "data": {}}
     for data in args.data.split(","):
         if data == "e2e" and not E2E.is_file():
             print(f"skipping e2e: {E2E} is absent")
             continue
-        results["data"][data] = run_rows(
+        rows = run_rows(
             data,
             args.reuse or args.report_only,
             args.report_only,
             [r for r in args.rows.split(",") if r],
         )
+        results["data"][data] = {**kept.get(data, {}), **rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json("transfer.json", results)
     write_md("transfer.md", markdown(results))
