@@ -49,3 +49,71 @@ def _missing():  # type: ignore[no-untyped-def]
     from pathlib import Path
 
     return Path("does/not/exist/ppo.pt")
+
+
+def test_pretraining_repeats_bit_for_bit_and_one_checkpoint_runs_any_fleet(tmp_path) -> None:
+    import torch
+
+    from strategies.control.pretrain import pretrain
+
+    cfg = compose(
+        "controller=ppo controller.ppo.total_steps=64 controller.ppo.rollout_steps=32 "
+        "controller.ppo.hidden=16"
+    )
+    states = []
+    for run in ("a", "b"):
+        pretrain(cfg, tmp_path / run, log=lambda _: None)
+        states.append(torch.load(tmp_path / run / "ppo.pt", weights_only=False)["learner"]["net"])
+    for key, value in states[0].items():
+        torch.testing.assert_close(value, states[1][key], rtol=0, atol=0)
+    for n, keeps in ((2, [0.4]), (64, [0.4, 0.3, 0.2]), (9, [0.3, 0.2])):
+        sized = replace(cfg, emulator=replace(cfg.emulator, levels=keeps))
+        env = make_env(sized, n_devices=n)
+        env.reset(seed=0)
+        assert env.situation is not None
+        c = make_controller(cfg.controller, keeps, n, 0, checkpoint=tmp_path / "a" / "ppo.pt")
+        action = c.act(env.situation)
+        assert len(action) == n and all(0 <= a <= len(keeps) for a in action)
+
+
+def test_ppo_samples_and_learns_for_its_exploration_rounds_then_acts_greedily() -> None:
+    cfg = compose(
+        "controller=ppo controller.ppo.hidden=8 controller.ppo.explore_rounds=3 "
+        "controller.ppo.online_every=2"
+    )
+    env = make_env(cfg)
+    env.reset(seed=0)
+    c = make_controller(cfg.controller, cfg.emulator.levels, 6, 0)
+    stats = []
+    for _ in range(5):
+        assert env.situation is not None
+        action = c.act(env.situation)
+        _, r, done, _, _ = env.step(np.asarray(action))
+        stats.append(c.feedback(r, done, env.situation))
+    # Rounds 1-3 sampled: an update after 2 transitions, 1 collected; rounds 4-5 greedy.
+    assert stats[0] == {"collected": 1.0}
+    assert stats[1]["transitions"] == 2.0 and "policy_loss" in stats[1]
+    assert stats[2] == {"collected": 1.0}
+    assert stats[3] == {} and stats[4] == {}
+    assert c.updates == 1  # type: ignore[attr-defined]
+
+
+def test_the_shipped_policy_is_the_default_configs() -> None:
+    """`strategies/control/ppo.pt` is what `python -m strategies.control pretrain` makes from
+    the default config and seed: a change to either must ship a new policy."""
+    from dataclasses import asdict
+
+    import torch
+
+    from strategies.control.pretrain import SHIPPED
+
+    cfg = compose("controller=ppo")
+    assert cfg.controller.ppo.checkpoint == "strategies/control/ppo.pt"
+    ckpt = torch.load(SHIPPED, map_location="cpu", weights_only=False)
+    recorded = {**ckpt["controller"], "ppo": {**ckpt["controller"]["ppo"], "checkpoint": ""}}
+    expected = asdict(cfg.controller)
+    expected["ppo"]["checkpoint"] = ""
+    assert recorded == expected
+    assert ckpt["seed"] == cfg.seed
+    assert ckpt["devices"] == [asdict(p) for p in cfg.devices.profiles]
+    assert SHIPPED.stat().st_size < 1_000_000

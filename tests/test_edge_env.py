@@ -7,7 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from strategies.control.edge_env import Progress, obs_size, progress
+from strategies.control.edge_env import (
+    DEVICE_FEATURES,
+    FLEET_SCALE,
+    OPTION_FEATURES,
+    ROUND_SCALE,
+    Progress,
+    progress,
+    random_env,
+)
 from tests.helpers import hand_env
 
 
@@ -67,9 +75,48 @@ def test_progress_has_diminishing_returns_in_data() -> None:
 def test_observation_layout() -> None:
     env = hand_env()
     obs, _ = env.reset(seed=0)
-    assert obs.shape == (obs_size(2, 2),) == env.observation_space.shape
-    per = 1 + 2 + 3 + 1 + 1
+    assert obs.device.shape == (2, DEVICE_FEATURES)
+    assert obs.option.shape == (2, 3, OPTION_FEATURES)
+    # data shares: Dirichlet draws, times N (1 = an equal share); no swaps, holds nothing
+    assert obs.device[:, 1].sum() == pytest.approx(2.0)
+    np.testing.assert_array_equal(obs.device[:, 2:], 0.0)
     # device 1 (400 MB): headroom (400-600)/600 and (400-300)/300, clipped to [-1, 1]
-    np.testing.assert_allclose(obs[per + 1 : per + 3], [-1 / 3, 1 / 3], rtol=1e-6)
-    np.testing.assert_allclose(obs[per + 3 : per + 6], [1, 0, 0])  # holds nothing
-    assert obs[-2:].tolist() == [0.0, 1.0]
+    np.testing.assert_allclose(obs.option[1, 1:, 2], [-1 / 3, 1 / 3], rtol=1e-6)
+    # skip: is-skip 1, no fidelity, always fits; levels: fidelity 0.1 and 0.01, 600 and 300 MB
+    np.testing.assert_allclose(obs.option[0, 0], [1, 0, 1, 0, 0, 0, 0])
+    np.testing.assert_allclose(obs.option[0, 1:, 1], [0.1, 0.01], rtol=1e-6)
+    np.testing.assert_allclose(obs.option[0, 1:, 3], [0.6, 0.3], rtol=1e-6)
+    np.testing.assert_allclose(obs.option[0, 1:, 4], [1e8 / 2**20 / 1000, 5e7 / 2**20 / 1000])
+    # device 0's round at level 0 by hand (emulator sent: it holds none), log10(1 + s) / 3
+    h = np.random.default_rng(0).exponential(1.0, 2)
+    rate = _rate(1e6, 20.0, 100.0, h[0])
+    seconds = 8 * (1e8 + 1e6) / rate + 8 * 1e6 / rate + 1000 * 4 * 1e8 / 10e9
+    assert obs.option[0, 1, 6] == pytest.approx(math.log10(1 + seconds) / 3, rel=1e-5)
+    # round 0 of 3, ppl ratio 1, 2 devices: fixed scales, not the episode's length
+    np.testing.assert_allclose(obs.glob, [0.0, 3 / ROUND_SCALE, 1.0, 2 / FLEET_SCALE])
+    obs, _, _, _, _ = env.step(np.array([2, 0]))
+    # device 0 now holds level 1 (option 2)
+    assert obs.device[0, 3] == 1.0 and obs.device[1, 3] == 0.0
+    np.testing.assert_array_equal(obs.option[0, :, 5], [0, 0, 1])
+    # level 1, held: the adapter both ways and the compute, no emulator to download
+    s = env.situation
+    assert s is not None
+    rate = _rate(1e6, 20.0, 100.0, np.random.default_rng(0).exponential(1.0, 4)[2])
+    held = 8 * 1e6 / rate + 8 * 1e6 / rate + 1000 * 4 * 5e7 / 10e9
+    assert s.option_s[0, 1] == pytest.approx(held, rel=1e-9)
+    assert obs.glob[0] == pytest.approx(1 / ROUND_SCALE)
+
+
+def test_random_systems_vary_and_repeat_with_their_seed() -> None:
+    from fedpeat.config import compose
+
+    cfg = compose("controller=ppo")
+    draws = [random_env(cfg, np.random.default_rng(s)) for s in range(40)]
+    sizes = {e.n for e in draws}
+    assert min(sizes) >= 2 and max(sizes) <= 32 and len(sizes) > 5
+    assert len({e.k for e in draws}) > 1 and all(e.k >= 1 for e in draws)
+    assert len({e.rounds for e in draws}) > 3 and min(e.rounds for e in draws) >= 3
+    keeps = {p.keep for p in cfg.controller.curve}
+    assert all(lv.keep in keeps and 0 < lv.fidelity <= 1 for e in draws for lv in e.levels)
+    again = random_env(cfg, np.random.default_rng(7))
+    assert again.profiles == draws[7].profiles and again.levels == draws[7].levels

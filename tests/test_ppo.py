@@ -9,7 +9,17 @@ import pytest
 import torch
 
 from fedpeat.config import PPOConfig
-from strategies.control.ppo import Batch, PPOLearner, gae, normalise, ppo_loss
+from strategies.control.edge_env import DEVICE_FEATURES, GLOBAL_FEATURES, OPTION_FEATURES, Obs
+from strategies.control.ppo import (
+    Batch,
+    PPOLearner,
+    SetPolicy,
+    gae,
+    log_prob_entropy,
+    normalise,
+    pad,
+    ppo_loss,
+)
 
 # --------------------------------------------------------------------------- GAE
 
@@ -109,46 +119,100 @@ def test_normalise() -> None:
 # --------------------------------------------------------------------------- learner
 
 
-def test_learner_solves_a_contextual_bandit() -> None:
-    # Two contexts (one-hot); two heads of three options; reward 1 per head that picks the
-    # context's answer: context 0 -> (2, 0), context 1 -> (1, 1). Episodes of one step.
-    cfg = PPOConfig(hidden=16, lr=0.02, epochs=4, minibatches=4, rollout_steps=128, ent_coef=0.0)
-    learner = PPOLearner(2, 2, 3, cfg, seed=0)
-    answers = np.array([[2, 0], [1, 1]])
+def _obs(gains: np.ndarray, k: int, rng: np.random.Generator) -> Obs:
+    """N devices (channel gain feature = `gains`), K levels, the other features random."""
+    n = len(gains)
+    device = rng.normal(size=(n, DEVICE_FEATURES)).astype(np.float32)
+    device[:, 0] = gains
+    option = rng.normal(size=(n, k + 1, OPTION_FEATURES)).astype(np.float32)
+    option[:, :, 0] = 0.0
+    option[:, 0, 0] = 1.0  # skip
+    option[:, 1:, 1] = np.linspace(0.2, 1.0, k)[None, :]  # fidelity: option K is the best
+    glob = rng.normal(size=GLOBAL_FEATURES).astype(np.float32)
+    return Obs(device, option, glob, np.ones((n, k + 1), bool))
+
+
+def test_learner_solves_a_bandit_for_fleets_it_never_saw() -> None:
+    """Reward per device: 1 for the best level where its channel is good (gain > 0), 1 for
+    skip where it is bad. Trained on 2-3 devices and 2-3 levels; greedy on 7 devices and 4
+    levels it answers every device: the branches share one scorer."""
+    cfg = PPOConfig(hidden=16, lr=0.01, epochs=4, minibatches=4, rollout_steps=128, ent_coef=0.0)
+    learner = PPOLearner(cfg, seed=0)
     rng = np.random.default_rng(0)
-    for _ in range(40):
-        ctx = rng.integers(0, 2, cfg.rollout_steps)
-        obs = np.eye(2, dtype=np.float32)[ctx]
+
+    def answer(o: Obs) -> np.ndarray:
+        k = o.option.shape[1] - 1
+        return np.where(o.device[:, 0] > 0, k, 0)
+
+    for _ in range(30):
+        obs = [
+            _obs(rng.normal(size=rng.integers(2, 4)), int(rng.integers(2, 4)), rng)
+            for _ in range(cfg.rollout_steps)
+        ]
         acts, logps, vals, rews = [], [], [], []
-        for o, c in zip(obs, ctx, strict=True):
+        for o in obs:
             a, lp, v = learner.act(o)
             acts.append(a)
             logps.append(lp)
             vals.append(v)
-            rews.append(float((a == answers[c]).sum()))
+            rews.append(float((a == answer(o)).mean()))
+        n = cfg.rollout_steps
         learner.update(
-            Batch(
-                obs,
-                np.stack(acts),
-                np.array(logps),
-                np.array(vals),
-                np.array(rews),
-                np.ones(cfg.rollout_steps),
-                0.0,
-            )
+            Batch(obs, acts, np.array(logps), np.array(vals), np.array(rews), np.ones(n), 0.0)
         )
-    for c in (0, 1):
-        action, _, value = learner.act(np.eye(2, dtype=np.float32)[c], greedy=True)
-        np.testing.assert_array_equal(action, answers[c])
-        assert value == pytest.approx(2.0, abs=0.3)
+    for _ in range(5):
+        o = _obs(np.array([1.0, -1.0, 0.8, -0.7, 1.5, -1.2, 0.6]), 4, rng)
+        action, _, value = learner.act(o, greedy=True)
+        np.testing.assert_array_equal(action, answer(o))
+        assert value == pytest.approx(1.0, abs=0.3)
+
+
+def test_policy_is_permutation_equivariant_and_padding_changes_nothing() -> None:
+    rng = np.random.default_rng(3)
+    net = SetPolicy(8)
+    small, large = _obs(rng.normal(size=2), 2, rng), _obs(rng.normal(size=5), 4, rng)
+    alone, value_alone = net(pad([small]))
+    both, values = net(pad([small, large]))
+    # The small fleet padded beside a larger one: the same logits and value.
+    torch.testing.assert_close(both[0, :2, :3], alone[0])
+    assert (both[0, 2:, 1:] < -1e8).all() and (both[0, :2, 3:] < -1e8).all()
+    torch.testing.assert_close(values[0], value_alone[0])
+    # Reordering the devices reorders their logits and leaves the value alone.
+    perm = np.array([3, 0, 4, 1, 2])
+    shuffled = Obs(large.device[perm], large.option[perm], large.glob, large.valid[perm])
+    logits, value = net(pad([shuffled]))
+    torch.testing.assert_close(logits[0], both[1][torch.as_tensor(perm)])
+    torch.testing.assert_close(value[0], values[1])
+
+
+def test_options_a_device_cannot_hold_are_never_chosen() -> None:
+    rng = np.random.default_rng(5)
+    learner = PPOLearner(PPOConfig(hidden=8), seed=0)
+    o = _obs(rng.normal(size=4), 3, rng)
+    o.valid[:, 2:] = False  # only skip and the first level fit
+    o.valid[3, 1] = False  # device 3 fits none: skip
+    for _ in range(50):
+        action, logp, _ = learner.act(o)
+        assert action.max() <= 1 and action[3] == 0 and np.isfinite(logp)
+
+
+def test_log_prob_and_entropy_by_hand() -> None:
+    # Two devices, uniform over 2 options; the second is padding (ignored).
+    logits = torch.zeros(1, 2, 2)
+    logp, entropy = log_prob_entropy(logits, torch.tensor([[1, 0]]), torch.tensor([[True, False]]))
+    assert float(logp[0]) == pytest.approx(math.log(0.5))
+    assert float(entropy[0]) == pytest.approx(math.log(2))  # per real device
+    logp, entropy = log_prob_entropy(logits, torch.tensor([[1, 0]]), torch.tensor([[True, True]]))
+    assert float(logp[0]) == pytest.approx(2 * math.log(0.5))  # joint: a sum over devices
+    assert float(entropy[0]) == pytest.approx(math.log(2))
 
 
 def test_learner_state_round_trips_and_rejects_another_shape() -> None:
     cfg = PPOConfig(hidden=8)
-    a = PPOLearner(4, 2, 3, cfg, seed=1)
-    b = PPOLearner(4, 2, 3, cfg, seed=2)
+    a = PPOLearner(cfg, seed=1)
+    b = PPOLearner(cfg, seed=2)
     b.load_state_dict(a.state_dict())
-    obs = np.ones(4, dtype=np.float32)
-    assert a.act(obs, greedy=True)[2] == b.act(obs, greedy=True)[2]
+    o = _obs(np.array([0.5, -0.5, 0.1]), 3, np.random.default_rng(0))
+    assert a.act(o, greedy=True)[2] == b.act(o, greedy=True)[2]
     with pytest.raises(ValueError, match="this run needs"):
-        PPOLearner(5, 2, 3, cfg, seed=0).load_state_dict(a.state_dict())
+        PPOLearner(PPOConfig(hidden=16), seed=0).load_state_dict(a.state_dict())

@@ -111,9 +111,13 @@ class PPOConfig:
     """Environment steps (rounds) per pre-training update."""
     total_steps: int = 200_000
     """Pre-training budget in environment steps."""
-    online_every: int = 2
-    """Federated rounds between online updates from the real transitions."""
+    online_every: int = 8
+    """Sampled federated rounds per online update (one full batch of that many transitions;
+    a run shorter than this collects without updating)."""
     online_lr: float = 1e-4
+    explore_rounds: int = 100
+    """Online, the policy samples its actions (and learns from them) for this many rounds of a
+    run, then acts greedily and stops learning (0: greedy from the start, no online learning)."""
     checkpoint: str = ""
     """Pre-trained policy (`python -m strategies.control pretrain`); empty: train from scratch
     online (a warning says so)."""
@@ -128,6 +132,7 @@ class PPOConfig:
             "online_every",
         ):
             check_range(f"controller.ppo.{name}", getattr(self, name), 1)
+        check_range("controller.ppo.explore_rounds", self.explore_rounds, 0)
         for name in ("lr", "online_lr", "clip", "max_grad_norm"):
             check_range(f"controller.ppo.{name}", getattr(self, name), 0.0, lo_open=True)
         for name in ("gamma", "gae_lambda"):

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from fedpeat.config import ControllerConfig
-from strategies.control.edge_env import Situation, obs_size
+from strategies.control.edge_env import Obs, Situation
 from strategies.control.ppo import Batch, PPOLearner
 
 log = logging.getLogger(__name__)
@@ -91,64 +91,73 @@ class Greedy:
 
 
 class PPOController:
-    """The learner acting greedily (argmax per head) and updating online every `every`
-    transitions from what it is fed back (FedPEAT's online orchestration)."""
+    """The learner online (FedPEAT's online orchestration). For its first `explore_rounds`
+    rounds it samples its actions from the policy, so the transitions are on-policy, and
+    updates from every `every` of them in one full batch; after that it acts greedily (the
+    most probable option per device) and no longer learns."""
 
     name = "ppo"
 
-    def __init__(self, learner: PPOLearner, every: int, lr: float, explore: bool = False) -> None:
-        self.learner, self.every, self.explore = learner, every, explore
+    def __init__(self, learner: PPOLearner, every: int, lr: float, explore_rounds: int) -> None:
+        self.learner, self.every, self.explore_rounds = learner, every, explore_rounds
         self.learner.set_lr(lr)
-        self._obs: list[np.ndarray] = []
+        self._obs: list[Obs] = []
         self._act: list[np.ndarray] = []
         self._logp: list[float] = []
         self._val: list[float] = []
         self._rew: list[float] = []
         self._done: list[float] = []
+        self.rounds = 0
         self.updates = 0
 
+    @property
+    def exploring(self) -> bool:
+        return self.rounds < self.explore_rounds
+
     def act(self, s: Situation) -> list[int]:
-        obs = s.vector()
-        action, logp, value = self.learner.act(obs, greedy=not self.explore)
-        self._obs.append(obs)
-        self._act.append(action)
-        self._logp.append(logp)
-        self._val.append(value)
+        obs = s.features()
+        action, logp, value = self.learner.act(obs, greedy=not self.exploring)
+        if self.exploring:
+            self._obs.append(obs)
+            self._act.append(action)
+            self._logp.append(logp)
+            self._val.append(value)
+        self.rounds += 1
         return [int(a) for a in action]
 
     def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
+        if len(self._rew) == len(self._obs):  # a greedy round: nothing to learn from
+            return {}
         self._rew.append(reward)
         self._done.append(float(done))
         if len(self._rew) < self.every:
-            return {}
+            return {"collected": float(len(self._rew))}
         batch = Batch(
-            np.stack(self._obs),
-            np.stack(self._act),
+            list(self._obs),
+            list(self._act),
             np.array(self._logp),
             np.array(self._val),
             np.array(self._rew),
             np.array(self._done),
-            self.learner.value(next_s.vector()),
+            self.learner.value(next_s.features()),
         )
-        stats = self.learner.update(batch)
+        stats = self.learner.update(batch, minibatches=1)
         self.updates += 1
         for buf in (self._obs, self._act, self._logp, self._val, self._rew, self._done):
             buf.clear()
-        return stats
+        return {**stats, "transitions": float(len(batch.obs))}
 
     def state_dict(self) -> dict[str, object]:
         return {"learner": self.learner.state_dict(), "updates": self.updates}
 
 
-def new_learner(cfg: ControllerConfig, n_devices: int, n_levels: int, seed: int) -> PPOLearner:
-    return PPOLearner(obs_size(n_devices, n_levels), n_devices, n_levels + 1, cfg.ppo, seed)
+def new_learner(cfg: ControllerConfig, seed: int) -> PPOLearner:
+    return PPOLearner(cfg.ppo, seed)
 
 
-def load_learner(
-    path: Path, cfg: ControllerConfig, n_devices: int, n_levels: int, seed: int
-) -> PPOLearner:
-    """The pre-trained learner at `path`, checked against this run's devices and levels."""
-    learner = new_learner(cfg, n_devices, n_levels, seed)
+def load_learner(path: Path, cfg: ControllerConfig, seed: int) -> PPOLearner:
+    """The pre-trained learner at `path` (any fleet size and level list)."""
+    learner = new_learner(cfg, seed)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except FileNotFoundError as err:
@@ -181,8 +190,9 @@ def make_controller(
     if cfg.name == "ppo":
         if checkpoint is None:
             log.warning("controller=ppo without a checkpoint: the policy starts untrained")
-            learner = new_learner(cfg, n_devices, k, seed)
+            learner = new_learner(cfg, seed)
         else:
-            learner = load_learner(checkpoint, cfg, n_devices, k, seed)
-        return PPOController(learner, cfg.ppo.online_every, cfg.ppo.online_lr)
+            learner = load_learner(checkpoint, cfg, seed)
+        p = cfg.ppo
+        return PPOController(learner, p.online_every, p.online_lr, p.explore_rounds)
     raise ValueError(f"controller.name={cfg.name!r} has no controller object")

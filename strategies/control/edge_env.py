@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
 from fedpeat.config import Config, ControllerConfig, DeviceProfile
-from fedpeat.cost import Level, Weights, gains_db, price_round, reward
+from fedpeat.cost import Level, MiB, Weights, device_latency_s, gains_db, price_round, reward
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,37 @@ def progress(
 # --------------------------------------------------------------------------- observation
 
 
+# Fixed scales, the same in pre-training and online, so that no feature depends on the length of
+# the run or the size of the fleet it was trained on.
+ROUND_SCALE = 20.0
+"""Rounds: the round index and the rounds left are divided by this."""
+MB_SCALE = 1000.0
+"""Megabytes: training memory and wire size of an emulator."""
+FLEET_SCALE = 64.0
+"""Devices: the fleet's size (the largest fleet the policy is meant for)."""
+DEVICE_FEATURES = 4
+OPTION_FEATURES = 7
+GLOBAL_FEATURES = 4
+
+
+@dataclass
+class Obs:
+    """What the policy reads, for any number of devices N and levels K: one row per device,
+    one row per (device, option) pair (option 0: skip; k: level k-1), and the round's globals."""
+
+    device: np.ndarray
+    """(N, DEVICE_FEATURES): channel gain, data share x N, swaps / ROUND_SCALE, holds any."""
+    option: np.ndarray
+    """(N, K + 1, OPTION_FEATURES): is skip, fidelity, memory headroom, training memory and
+    wire size / MB_SCALE, whether the device holds that emulator already, and the device's
+    modelled seconds for the round at that option, log10(1 + s) / 3."""
+    glob: np.ndarray
+    """(GLOBAL_FEATURES,): round and rounds left / ROUND_SCALE, ppl ratio, N / FLEET_SCALE."""
+    valid: np.ndarray
+    """(N, K + 1) bool: the options the policy may choose: skip, and the levels that fit the
+    device's memory (invalid-action masking; a level that does not fit is never sent)."""
+
+
 @dataclass
 class Situation:
     """What the controller sees at the start of a round (the strategy fills the same fields)."""
@@ -87,40 +118,74 @@ class Situation:
     rounds: int
     ppl_ratio: float
     """Last plug-in perplexity / round-0 perplexity."""
+    wire_mb: np.ndarray
+    """(K,) megabytes an emulator of each level takes on the wire."""
+    option_s: np.ndarray
+    """(N, K) each device's modelled seconds this round at each level (`option_seconds`)."""
 
     def headroom(self) -> np.ndarray:
         """(N, K) (budget - need) / need, clipped to [-1, 1]: > 0 where the level fits."""
         h = (self.memory_mb[:, None] - self.need_mb[None, :]) / self.need_mb[None, :]
         return np.clip(h, -1.0, 1.0)
 
-    def vector(self) -> np.ndarray:
-        """Flat float32 observation: per device [gain, headroom per level, one-hot holding,
-        swaps / rounds, data share], then [round / rounds, ppl ratio]."""
+    def features(self) -> Obs:
+        """The observation (`Obs`), every feature on a fixed scale."""
         n, k = len(self.memory_mb), len(self.need_mb)
-        hold = np.zeros((n, k + 1))
-        hold[np.arange(n), self.holding] = 1.0
-        per_device = np.concatenate(
+        holding = np.asarray(self.holding)
+        device = np.stack(
             [
-                ((self.gain_db + 100.0) / 20.0)[:, None],  # ~[-1, 1] over 60..140 dB loss
-                self.headroom(),
-                hold,
-                (np.asarray(self.swap_counts, dtype=np.float64) / max(self.rounds, 1))[:, None],
-                self.data_share[:, None],
+                (self.gain_db + 100.0) / 20.0,  # ~[-1, 1] over 60..140 dB loss
+                self.data_share * n,  # 1: an equal share, whatever the fleet's size
+                np.asarray(self.swap_counts, dtype=np.float64) / ROUND_SCALE,
+                (holding > 0).astype(np.float64),
             ],
             axis=1,
         )
-        glob = np.array([self.round_index / max(self.rounds, 1), self.ppl_ratio])
-        return np.concatenate([per_device.ravel(), glob]).astype(np.float32)
+        option = np.zeros((n, k + 1, OPTION_FEATURES))
+        option[:, 0, 0] = 1.0  # skip: no fidelity, always fits, costs nothing
+        option[:, 0, 2] = 1.0
+        option[:, 1:, 1] = self.fidelity[None, :]
+        option[:, 1:, 2] = self.headroom()
+        option[:, 1:, 3] = self.need_mb[None, :] / MB_SCALE
+        option[:, 1:, 4] = self.wire_mb[None, :] / MB_SCALE
+        option[np.arange(n), holding, 5] = (holding > 0).astype(np.float64)
+        option[:, 1:, 6] = np.log10(1.0 + self.option_s) / 3.0  # 1 at about 17 minutes
+        left = max(self.rounds - self.round_index, 0)
+        glob = np.array(
+            [self.round_index / ROUND_SCALE, left / ROUND_SCALE, self.ppl_ratio, n / FLEET_SCALE]
+        )
+        valid = np.concatenate([np.ones((n, 1), bool), self.headroom() >= 0.0], axis=1)
+        return Obs(
+            device.astype(np.float32), option.astype(np.float32), glob.astype(np.float32), valid
+        )
 
 
-def obs_size(n_devices: int, n_levels: int) -> int:
-    return n_devices * (1 + n_levels + n_levels + 1 + 1 + 1) + 2
+def option_seconds(
+    profiles: Sequence[DeviceProfile],
+    levels: Sequence[Level],
+    fading: np.ndarray,
+    holding: Sequence[int],
+    adapter_bytes: float,
+    tokens: float,
+) -> np.ndarray:
+    """(N, K) what each device's round would take at each level with this round's fading
+    (`fedpeat.cost.device_latency_s`; the emulator is sent where the device does not hold it):
+    the device's system speed, as the policy sees it."""
+    return np.array(
+        [
+            [
+                device_latency_s(p, float(f), lv, h != k + 1, adapter_bytes, tokens)
+                for k, lv in enumerate(levels)
+            ]
+            for p, f, h in zip(profiles, fading, holding, strict=True)
+        ]
+    ).reshape(len(profiles), len(levels))
 
 
 # --------------------------------------------------------------------------- environment
 
 
-class EdgeEnv(gym.Env[np.ndarray, np.ndarray]):
+class EdgeEnv(gym.Env[Obs, np.ndarray]):
     """N devices, K emulator levels, `rounds` rounds per episode (module docstring)."""
 
     def __init__(
@@ -129,7 +194,9 @@ class EdgeEnv(gym.Env[np.ndarray, np.ndarray]):
         levels: Sequence[Level],
         cfg: ControllerConfig,
         data_shares: Sequence[float] | None = None,
+        rounds: int = 0,
     ) -> None:
+        """`rounds`: per episode (0: `cfg.episode_rounds`)."""
         self.metadata = {"render_modes": []}
         self.profiles, self.levels, self.cfg = list(profiles), list(levels), cfg
         self.n, self.k = len(self.profiles), len(self.levels)
@@ -143,8 +210,13 @@ class EdgeEnv(gym.Env[np.ndarray, np.ndarray]):
         )
         self.model = Progress(cfg.floor_share, cfg.eta, cfg.beta)
         self.fixed_shares = None if data_shares is None else np.asarray(data_shares, float)
-        self.observation_space = gym.spaces.Box(
-            -np.inf, np.inf, (obs_size(self.n, self.k),), np.float32
+        self.rounds = rounds or cfg.episode_rounds
+        self.observation_space: gym.spaces.Space[Any] = gym.spaces.Dict(
+            {
+                "device": gym.spaces.Box(-np.inf, np.inf, (self.n, DEVICE_FEATURES)),
+                "option": gym.spaces.Box(-np.inf, np.inf, (self.n, self.k + 1, OPTION_FEATURES)),
+                "glob": gym.spaces.Box(-np.inf, np.inf, (GLOBAL_FEATURES,)),
+            }
         )
         self.action_space = gym.spaces.MultiDiscrete([self.k + 1] * self.n)
         self.ppl0 = cfg.ppl_full
@@ -157,10 +229,18 @@ class EdgeEnv(gym.Env[np.ndarray, np.ndarray]):
         self.fading = self._rng.exponential(1.0, self.n)
         assert self.situation is not None
         self.situation.gain_db = gains_db(self.profiles, self.fading)
+        self.situation.option_s = option_seconds(
+            self.profiles,
+            self.levels,
+            self.fading,
+            self.situation.holding,
+            self.cfg.adapter_bytes,
+            self.cfg.tokens,
+        )
 
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
-    ) -> tuple[np.ndarray, dict[str, Any]]:
+    ) -> tuple[Obs, dict[str, Any]]:
         super().reset(seed=seed)
         if seed is not None:
             self._rng = np.random.default_rng(seed)
@@ -180,13 +260,15 @@ class EdgeEnv(gym.Env[np.ndarray, np.ndarray]):
             swap_counts=[0] * self.n,
             data_share=shares,
             round_index=0,
-            rounds=self.cfg.episode_rounds,
+            rounds=self.rounds,
             ppl_ratio=1.0,
+            wire_mb=np.array([lv.bytes / MiB for lv in self.levels]),
+            option_s=np.zeros((self.n, self.k)),
         )
         self._draw_fading()
-        return self.situation.vector(), {}
+        return self.situation.features(), {}
 
-    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+    def step(self, action: np.ndarray) -> tuple[Obs, float, bool, bool, dict[str, Any]]:
         s = self.situation
         if s is None:
             raise RuntimeError("call reset() before step()")
@@ -230,7 +312,7 @@ class EdgeEnv(gym.Env[np.ndarray, np.ndarray]):
             "swap_violations": out.swap_violations,
             "trained": len(out.trained),
         }
-        return s.vector(), r, done, False, info
+        return s.features(), r, done, False, info
 
 
 def make_env(
@@ -244,3 +326,37 @@ def make_env(
     return EdgeEnv(
         devices, levels_of(cfg.controller, cfg.emulator.levels), cfg.controller, data_shares
     )
+
+
+def random_env(cfg: Config, rng: np.random.Generator, max_devices: int = 32) -> EdgeEnv:
+    """One pre-training episode's system, drawn so that one policy learns every fleet: 2 to
+    `max_devices` devices (log-uniform), each a config profile with memory x U(0.6, 1.5),
+    compute, bandwidth and distance x U(0.5, 2) and power +- 3 dB; a random non-empty subset of
+    the retention curve's levels, fidelities x U(0.9, 1.1) (at most 1); progress rate
+    x U(0.5, 1.5); data shares from Dirichlet(`data_alpha`); 3 to `episode_rounds` rounds."""
+    c = cfg.controller
+    n = round(float(np.exp(rng.uniform(np.log(2), np.log(max_devices)))))
+    base = cfg.devices.profiles
+    profiles = []
+    for i in range(n):
+        p = base[int(rng.integers(len(base)))]
+        profiles.append(
+            replace(
+                p,
+                name=f"{p.name}-{i}",
+                memory_mb=p.memory_mb * rng.uniform(0.6, 1.5),
+                gflops=p.gflops * rng.uniform(0.5, 2.0),
+                bandwidth_mhz=p.bandwidth_mhz * rng.uniform(0.5, 2.0),
+                distance_m=p.distance_m * rng.uniform(0.5, 2.0),
+                power_dbm=p.power_dbm + rng.uniform(-3.0, 3.0),
+            )
+        )
+    keeps = sorted({pt.keep for pt in c.curve if pt.keep < 1.0}, reverse=True)
+    chosen = sorted(rng.choice(keeps, int(rng.integers(1, len(keeps) + 1)), replace=False))
+    levels = [
+        replace(lv, fidelity=min(1.0, lv.fidelity * rng.uniform(0.9, 1.1)))
+        for lv in levels_of(c, [float(k) for k in reversed(chosen)])
+    ]
+    jittered = replace(c, eta=c.eta * rng.uniform(0.5, 1.5))
+    rounds = int(rng.integers(3, max(c.episode_rounds, 3) + 1))
+    return EdgeEnv(profiles, levels, jittered, rounds=rounds)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from fedpeat.config import Config, DeviceProfile
-from fedpeat.cost import Level, RoundOutcome, Weights, gains_db, price_round, reward
+from fedpeat.cost import Level, MiB, RoundOutcome, Weights, gains_db, price_round, reward
 from strategies.control.controllers import Controller, make_controller
-from strategies.control.edge_env import Situation
+from strategies.control.edge_env import Situation, option_seconds
 
 
 @dataclass
@@ -120,6 +120,10 @@ class OnlineControl:
             round_index=self.round_index,
             rounds=self.cfg.rounds,
             ppl_ratio=self.ppl_ratio,
+            wire_mb=np.array([lv.bytes / MiB for lv in self.levels]),
+            option_s=option_seconds(
+                self.profiles, self.levels, self.fading, holding, self.adapter_bytes, self._tokens
+            ),
         )
 
     # ------------------------------------------------------------------ round

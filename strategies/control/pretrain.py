@@ -1,10 +1,11 @@
 """Pre-train the PPO controller on the edge-system environment and compare the controllers.
 
-    python -m strategies.control pretrain [--overrides "..."] [--out runs/controller]
+    python -m strategies.control pretrain [--overrides "..."] [--out runs/controller] [--ship]
     python -m strategies.control compare  [--overrides "..."] [--seeds 5] [--episodes 20]
 
-`pretrain` writes `ppo.pt` (learner state, the controller config it was trained with, learning
-curve), `pretrain_curve.png` and `pretrain.json`. `compare` evaluates fixed, random, greedy and the
+`pretrain` writes `ppo.pt` (learner state, the controller config and seed it was trained with),
+`pretrain_curve.png` and `pretrain.json` (the learning curve), and says whether the weights equal
+the shipped policy's (`--ship` replaces it). `compare` evaluates fixed, random, greedy and the
 pre-trained PPO policy on the same environment seeds and prints mean episode return and its
 spread over seeds side by side (also `compare.md` / `compare.json`).
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -25,16 +27,20 @@ import torch
 
 from fedpeat.config import Config, ConfigError, compose
 from strategies.control.controllers import Controller, load_learner, make_controller, new_learner
-from strategies.control.edge_env import EdgeEnv, make_env
+from strategies.control.edge_env import EdgeEnv, make_env, random_env
 from strategies.control.ppo import Batch
 
 
 def pretrain(cfg: Config, out: Path, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """PPO on `make_env(cfg)` for `controller.ppo.total_steps` steps, linear lr decay."""
+    """PPO for `controller.ppo.total_steps` steps, linear lr decay, on a new random system
+    every episode (`random_env`: fleet size, profiles, levels, data shares, progress rate and
+    episode length drawn from `cfg.seed`), so one policy serves any fleet and level list.
+    Deterministic: the same config and seed give the same weights, bit for bit."""
     c = cfg.controller.ppo
-    env = make_env(cfg)
-    learner = new_learner(cfg.controller, env.n, env.k, cfg.seed)
-    obs, _ = env.reset(seed=cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    env = random_env(cfg, rng)
+    learner = new_learner(cfg.controller, cfg.seed)
+    obs, _ = env.reset(seed=int(rng.integers(2**31)))
     updates = max(1, c.total_steps // c.rollout_steps)
     curve: list[dict[str, float]] = []
     episode_return, returns, start = 0.0, [], time.perf_counter()
@@ -49,12 +55,14 @@ def pretrain(cfg: Config, out: Path, log: Callable[[str], None] = print) -> dict
             episode_return += r
             obs = next_obs
             if done:
-                returns.append(episode_return)
+                # Per round, so episodes of different lengths compare.
+                returns.append(episode_return / env.rounds)
                 episode_return = 0.0
-                obs, _ = env.reset()
+                env = random_env(cfg, rng)
+                obs, _ = env.reset(seed=int(rng.integers(2**31)))
         batch = Batch(
-            np.stack(cols["obs"]),
-            np.stack(cols["act"]),
+            cols["obs"],
+            cols["act"],
             np.array(cols["logp"]),
             np.array(cols["val"]),
             np.array(cols["rew"]),
@@ -64,7 +72,7 @@ def pretrain(cfg: Config, out: Path, log: Callable[[str], None] = print) -> dict
         stats = learner.update(batch)
         row = {
             "step": (update + 1) * c.rollout_steps,
-            "episode_return": float(np.mean(returns[-20:])) if returns else float("nan"),
+            "round_return": float(np.mean(returns[-50:])) if returns else float("nan"),
             "seconds": time.perf_counter() - start,
             **stats,
         }
@@ -72,7 +80,7 @@ def pretrain(cfg: Config, out: Path, log: Callable[[str], None] = print) -> dict
         if update % max(1, updates // 20) == 0 or update == updates - 1:
             log(
                 f"[pretrain] step {row['step']:>7}/{updates * c.rollout_steps}  "
-                f"return {row['episode_return']:8.3f}  entropy {stats['entropy']:.3f}  "
+                f"return/round {row['round_return']:8.3f}  entropy {stats['entropy']:.3f}  "
                 f"{row['seconds']:.0f}s"
             )
     out.mkdir(parents=True, exist_ok=True)
@@ -80,20 +88,30 @@ def pretrain(cfg: Config, out: Path, log: Callable[[str], None] = print) -> dict
         {
             "learner": learner.state_dict(),
             "controller": asdict(cfg.controller),
-            "devices": [asdict(p) for p in env.profiles],
-            "levels": cfg.emulator.levels,
-            "curve": curve,
+            "devices": [asdict(p) for p in cfg.devices.profiles],
             "seed": cfg.seed,
-        },
+        },  # no timings: the file depends on the config and seed alone
         out / "ppo.pt",
     )
     (out / "pretrain.json").write_text(json.dumps(curve, indent=1))
     _plot_curve(curve, out / "pretrain_curve.png")
     return {
         "checkpoint": str(out / "ppo.pt"),
-        "final_return": curve[-1]["episode_return"],
+        "final_round_return": curve[-1]["round_return"],
         "seconds": curve[-1]["seconds"],
     }
+
+
+SHIPPED = Path(__file__).with_name("ppo.pt")
+"""The pre-trained policy the project ships (`controller=ppo` uses it by default):
+`python -m strategies.control pretrain --ship` writes it, from the default config and seed."""
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Whether two checkpoints hold the same policy weights, bit for bit."""
+    net_a = torch.load(a, map_location="cpu", weights_only=False)["learner"]["net"]
+    net_b = torch.load(b, map_location="cpu", weights_only=False)["learner"]["net"]
+    return net_a.keys() == net_b.keys() and all(torch.equal(net_a[k], net_b[k]) for k in net_a)
 
 
 def _plot_curve(curve: list[dict[str, float]], path: Path) -> None:
@@ -103,10 +121,10 @@ def _plot_curve(curve: list[dict[str, float]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in curve], [r["episode_return"] for r in curve])
+    ax.plot([r["step"] for r in curve], [r["round_return"] for r in curve])
     ax.set_xlabel("environment steps (rounds)")
-    ax.set_ylabel("episode return (mean of last 20)")
-    ax.set_title("PPO pre-training on the edge-system environment")
+    ax.set_ylabel("return per round (mean of last 50 episodes)")
+    ax.set_title("PPO pre-training on random edge systems")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -135,7 +153,7 @@ def compare(cfg: Config, checkpoint: Path, seeds: int, episodes: int) -> dict[st
     across controllers), then mean and std over seeds."""
     env = make_env(cfg)
     keeps, c = cfg.emulator.levels, cfg.controller
-    load_learner(checkpoint, c, env.n, env.k, cfg.seed)  # a clear error before any episode
+    load_learner(checkpoint, c, cfg.seed)  # a clear error before any episode
     variants = {
         "fixed": replace(c, name="fixed"),
         "random": replace(c, name="random"),
@@ -193,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overrides", default="", help="Hydra overrides, space separated")
     parser.add_argument("--out", default="runs/controller", help="output directory")
     parser.add_argument("--checkpoint", default="", help="compare: policy (default OUT/ppo.pt)")
+    parser.add_argument(
+        "--ship", action="store_true", help="pretrain: also replace the shipped policy"
+    )
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--episodes", type=int, default=20)
     args = parser.parse_args(argv)
@@ -206,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if args.command == "pretrain":
         result = pretrain(cfg, out)
+        if args.ship:
+            shutil.copyfile(out / "ppo.pt", SHIPPED)
+        elif SHIPPED.is_file():
+            result["same_weights_as_shipped"] = same_weights(out / "ppo.pt", SHIPPED)
         print(json.dumps(result, indent=1))
         return 0
     checkpoint = Path(args.checkpoint) if args.checkpoint else out / "ppo.pt"
