@@ -15,7 +15,8 @@ Rows, per data set (E2E when ../shared/data/e2e is present, and Shakespeare):
   held_1500     held, every device on keep 0.4 (14 of 30 layers) distilled for 1,500 steps
                 instead of 100 (the lean loop's strongest lever; budgets raised so all fit it)
   held_align    held, then knowledge back: after the last round the plug-in's adapter imitates
-                the emulator carrying it on the server's prompts (no server labels), 96 steps
+                the emulator carrying it on the server's prompts or text (no server labels),
+                96 steps, kept only where it scores better on the validation split
   server        the server alone: its own data, no devices, same steps per round
   centralised   one LoRA with FedPEAT's adapter on the pooled device data, as many steps as
                 all devices took together
@@ -294,7 +295,8 @@ def main() -> None:
     from fedpeat.config import compose
 
     kept = json.loads((RESULTS / "transfer.json").read_text())["data"] if args.merge else {}
-    results: dict[str, Any] = {"machine": machine(), "rounds": compose("").rounds, "data": {}}
+    results: dict[str, Any] = {"machine": machine(), "rounds": compose("").rounds}
+    results["data"] = {data: dict(rows) for data, rows in kept.items()}
     for data in args.data.split(","):
         if data == "e2e" and not E2E.is_file():
             print(f"skipping e2e: {E2E} is absent")
@@ -305,7 +307,7 @@ def main() -> None:
             args.report_only,
             [r for r in args.rows.split(",") if r],
         )
-        results["data"][data] = {**kept.get(data, {}), **rows}
+        results["data"][data] = {**results["data"].get(data, {}), **rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json("transfer.json", results)
     write_md("transfer.md", markdown(results))

@@ -31,6 +31,14 @@ def gap_level(cfg: Config, stats: RoundStats) -> float | None:
     return max(set(levels), key=lambda lv: (levels.count(lv), lv))
 
 
+def improved(before: dict[str, Any], after: dict[str, Any], metric: str | None) -> bool:
+    """Whether `after` scores better than `before` (`_validation` figures): on the task
+    `metric` (every task metric here is higher-is-better) or, None, on perplexity."""
+    if metric:
+        return bool(after["task"][metric] > before["task"][metric])
+    return bool(after["plugin_ppl"] < before["plugin_ppl"])
+
+
 class RoundRecorder:
     """Flower's `evaluate_fn`: evaluates the plug-in model and writes one metrics row per round.
 
@@ -82,22 +90,43 @@ class RoundRecorder:
         return MetricRecord({"plugin_ppl": result.ppl})
 
     def _align(self, server_round: int) -> dict[str, Any]:
-        """Knowledge back after the last round (`emulator.align.steps` > 0): the plug-in's
-        adapter becomes the aligned one; the row keeps the figures from before it."""
+        """Knowledge back after the last round (`emulator.align.steps` > 0). The aligned
+        adapter replaces the plug-in's only if it scores better on the validation split (the
+        first task metric where there is one, else perplexity): the emulator can be the worse
+        model, and imitating it then costs. The row keeps the figures from before."""
         stats = self.strategy.stats.get(server_round) or RoundStats()
         level = gap_level(self.cfg, stats)
         steps = self.cfg.emulator.align.steps
         if not steps or server_round != self.rounds or level is None or self.server.full_ft:
             return {}
-        before: dict[str, Any] = {"plugin_ppl_before": self.server.evaluate(self.state).ppl}
-        if self.cfg.eval.metrics:
-            scored = self.server.task_scores(self.state)
-            if scored is not None:
-                before["task_before"] = {m: scored.value(m) for m in self.cfg.eval.metrics}
-        self.state, info = self.server.align(self.state, level)
-        kl = (info["loss_first"], info["loss_last"])
-        log(INFO, "knowledge back: %d steps, KL %.4f -> %.4f", steps, *kl)
-        return {"align": {**info, **before}}
+        before = self._validation(self.state)
+        aligned, info = self.server.align(self.state, level)
+        after = self._validation(aligned)
+        metric = self.cfg.eval.metrics[0] if "task" in before else None
+        better = improved(before, after, metric)
+        if better:
+            self.state = aligned
+        log(
+            INFO,
+            "knowledge back: %d steps, KL %.4f -> %.4f; %s %.3f -> %.3f on validation: %s",
+            steps,
+            info["loss_first"],
+            info["loss_last"],
+            metric or "plug-in ppl",
+            before["task"][metric] if metric else before["plugin_ppl"],
+            after["task"][metric] if metric else after["plugin_ppl"],
+            "kept" if better else "not kept (the devices' adapter stays)",
+        )
+        decided = {"kept": better, "decided_by": metric or "plugin_ppl"}
+        return {"align": {**info, **decided, **{f"{k}_before": v for k, v in before.items()}}}
+
+    def _validation(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The plug-in's validation perplexity and task metrics (where configured) for `state`."""
+        out: dict[str, Any] = {"plugin_ppl": self.server.evaluate(state).ppl}
+        scored = self.server.task_scores(state) if self.cfg.eval.metrics else None
+        if scored is not None:
+            out["task"] = {m: scored.value(m) for m in self.cfg.eval.metrics}
+        return out
 
     def _checks(self, server_round: int, stats: RoundStats, plugin_ppl: float) -> dict[str, Any]:
         """Validation figures beyond the plug-in perplexity: task metrics (every `eval.every`

@@ -158,9 +158,19 @@ def test_held_adapters_cover_every_layer_an_emulator_holds(
 def test_knowledge_back_aligns_the_exported_plugin_only(
     tmp_path, server_identity, device_disks
 ) -> None:
-    """After the last round the plug-in's adapter learns from the emulator carrying it: the
-    exported adapter is the aligned one; the checkpoint (what a resumed run continues from)
-    keeps what the devices trained, and the row keeps the figures from before."""
+    """After the last round the plug-in's adapter learns from the emulator carrying it; the
+    exported adapter is the aligned one where that scored better on validation, else the
+    devices'; the checkpoint (what a resumed run continues from) keeps what the devices
+    trained, and the row keeps the figures from before."""
+    from server_app.recorder import improved
+
+    # The rule by hand: the first task metric decides where there is one, else perplexity.
+    assert improved({"plugin_ppl": 9.0}, {"plugin_ppl": 8.0}, None)
+    assert not improved({"plugin_ppl": 8.0}, {"plugin_ppl": 8.0}, None)
+    worse_ppl = {"plugin_ppl": 9.5, "task": {"bleu": 31.0}}
+    assert improved({"plugin_ppl": 9.0, "task": {"bleu": 30.0}}, worse_ppl, "bleu")
+    assert not improved({"plugin_ppl": 9.9, "task": {"bleu": 31.0}}, worse_ppl, "bleu")
+
     from safetensors.numpy import load_file
 
     cfg = compose(
@@ -176,12 +186,17 @@ def test_knowledge_back_aligns_the_exported_plugin_only(
     assert (
         align["steps"] == 4 and align["sequences"] == 16 and align["level"] in cfg.emulator.levels
     )
-    assert align["plugin_ppl_before"] != rows[2]["plugin_ppl"]
+    assert align["decided_by"] == "plugin_ppl"
     assert rows[2]["gap"]["plugin_ppl"] == rows[2]["plugin_ppl"]
     devices = final_state(run_dir)
     exported = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     assert set(exported) == set(devices)
-    assert any(not np.array_equal(exported[k], devices[k]) for k in devices)
+    changed = any(not np.array_equal(exported[k], devices[k]) for k in devices)
+    assert changed == align["kept"]
+    if align["kept"]:
+        assert rows[2]["plugin_ppl"] < align["plugin_ppl_before"]
+    else:
+        assert rows[2]["plugin_ppl"] == align["plugin_ppl_before"]
 
 
 def test_devices_that_hold_the_emulator_are_not_sent_it_again(

@@ -256,7 +256,8 @@ class AlignConfig:
     adapter learns to imitate the emulator carrying it (token KL), on the server's own inputs:
     its prompts with the emulator's greedy answers, or its text where the data has no prompts.
     The server's labels are never used, so what is learned is what the devices taught the
-    emulator; the exported adapter is the aligned one."""
+    emulator. The aligned adapter replaces the plug-in's (and is exported) only where it scores
+    better on the validation split (the first task metric, else perplexity)."""
 
     steps: int = 0
     """AdamW steps of the full model's adapter (0: off)."""
