@@ -109,7 +109,7 @@ class PPOConfig:
     minibatches: int = 4
     rollout_steps: int = 1024
     """Environment steps (rounds) per pre-training update."""
-    total_steps: int = 200_000
+    total_steps: int = 400_000
     """Pre-training budget in environment steps."""
     online_every: int = 8
     """Sampled federated rounds per online update (one full batch of that many transitions;
