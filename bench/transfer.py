@@ -294,8 +294,12 @@ def main() -> None:
     args = parser.parse_args()
     from fedpeat.config import compose
 
-    kept = json.loads((RESULTS / "transfer.json").read_text())["data"] if args.merge else {}
-    results: dict[str, Any] = {"machine": machine(), "rounds": compose("").rounds}
+    earlier = json.loads((RESULTS / "transfer.json").read_text()) if args.merge else {}
+    kept = earlier.get("data", {})
+    here = machine()
+    if earlier and earlier.get("machine") != here:  # quality figures, but say where each ran
+        here += f" (rows not run by this call: {earlier['machine']})"
+    results: dict[str, Any] = {"machine": here, "rounds": compose("").rounds}
     results["data"] = {data: dict(rows) for data, rows in kept.items()}
     for data in args.data.split(","):
         if data == "e2e" and not E2E.is_file():
