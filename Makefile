@@ -21,7 +21,7 @@ export PIP_NO_COMPILE := 1
 DEVICES ?= 6
 OVERRIDES ?=
 ARGS ?=
-SWEEP ?= controller=fixed,random,greedy,ppo
+SWEEP ?= controller=fixed,random,greedy,oort,ppo
 # Overrides reach the tools through the environment ("$$OVERRIDES"), never pasted into the
 # recipe's shell line: a value with spaces and quotes arrives exactly as typed, e.g.
 #   make run OVERRIDES="\"data.prompt_template='Q: {prompt} A: '\""

@@ -91,7 +91,7 @@ def test_override_string_is_shell_split() -> None:
         ("planner.batch_sizes=[]", "planner.batch_sizes is empty"),
         ("adapter.modules=[q_proj]", "adapter.modules[0]='q_proj' is not a weight matrix name"),
         ("devices.profiles=[{gflops:0}]", "devices.profiles[0].gflops=0.0 is out of range"),
-        ("controller=nope", "available: common, fixed, greedy, none, ppo, random"),
+        ("controller=nope", "available: common, fixed, greedy, none, oort, ppo, random"),
         ("controller=fixed controller.fixed_level=0.5", "controller.fixed_level=0.5 is not one"),
         ("controller=ppo emulator=shared", "it needs emulator.case=1, got 2"),
         ("controller=greedy strategy.fraction_train=0.5", "the controller chooses who takes"),

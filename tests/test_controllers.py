@@ -11,6 +11,7 @@ from fedpeat.config import compose
 from strategies.control.controllers import (
     Fixed,
     Greedy,
+    Oort,
     RandomController,
     best_fitting,
     make_controller,
@@ -33,12 +34,34 @@ def test_baselines_act_as_documented() -> None:
     assert all(0 <= a <= 2 for act in acts for a in act)
 
 
+def test_oort_by_hand() -> None:
+    env = hand_env()
+    env.reset(seed=0)
+    s = env.situation
+    assert s is not None
+    # Device 0 fits both levels (best: level 0, option 1), device 1 only level 1 (option 2).
+    s.option_s = np.array([[10.0, 5.0], [8.0, 40.0]])  # t = 10 and 40; T = median = 25
+    s.data_share = np.array([0.5, 0.5])
+    options, utility = Oort(0.5, 2.0, 0.0, 0).utilities(s)
+    assert options == [1, 2]
+    # device 1 is slower than T: 0.5 x (25 / 40) ** 2
+    np.testing.assert_allclose(utility, [0.5, 0.5 * (25 / 40) ** 2])
+    assert Oort(0.5, 2.0, 0.0, 0).act(s) == [1, 0]
+    s.data_share = np.array([0.1, 0.9])  # 0.9 x 0.390625 = 0.352 > 0.1: its data outweighs
+    assert Oort(0.5, 2.0, 0.0, 0).act(s) == [0, 2]
+    assert Oort(0.5, 0.0, 0.0, 0).utilities(s)[1].tolist() == [0.1, 0.9]  # no penalty
+    assert Oort(1.0, 2.0, 0.0, 0).act(s) == [1, 2]
+    # Exploration: the one slot goes to a device drawn at random, seeded.
+    picks = {tuple(Oort(0.5, 2.0, 1.0, seed).act(s)) for seed in range(20)}
+    assert picks == {(1, 0), (0, 2)}
+
+
 def test_default_environment_and_controllers_compose() -> None:
     cfg = compose("controller=ppo")
     env = make_env(cfg)
     assert env.n == 6 and env.k == 3
     assert [lv.keep for lv in env.levels] == cfg.emulator.levels
-    for name in ("fixed", "random", "greedy", "ppo"):
+    for name in ("fixed", "random", "greedy", "oort", "ppo"):
         c = make_controller(replace(cfg.controller, name=name), cfg.emulator.levels, 6, 0)
         assert c.name == name
     with pytest.raises(FileNotFoundError, match="controller.ppo.checkpoint"):

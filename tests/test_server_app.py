@@ -283,6 +283,17 @@ def test_exact_aggregation_runs_and_reports_its_truncation(
     assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
 
 
+def test_oort_selects_in_a_federated_run(tmp_path, server_identity, device_disks) -> None:
+    cfg = compose("experiment=tiny controller=oort rounds=1")
+    run_dir = tmp_path / "oort"
+    run_dir.mkdir()
+    _run(InProcessGrid(2), cfg, run_dir)
+    row = read_metrics(run_dir / "metrics.jsonl")[1]
+    chosen = [lv for lv in row["action"].values() if lv is not None]
+    assert len(chosen) == 1 and row["num_clients"] == 1 and np.isfinite(row["reward"])
+    assert any(s["reason"] == "oort: not chosen this round" for s in row["skipped"])
+
+
 def test_controllers_choose_devices_and_price_the_rounds(
     tmp_path, server_identity, device_disks
 ) -> None:

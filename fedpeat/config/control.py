@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from fedpeat.config.checks import ConfigError, check_choice, check_range
 from fedpeat.config.sections import BITS, PROJECTIONS
 
-CONTROLLERS = ("none", "fixed", "random", "greedy", "ppo")
+CONTROLLERS = ("none", "fixed", "random", "greedy", "oort", "ppo")
 
 
 @dataclass
@@ -149,12 +149,19 @@ class ControllerConfig:
     edge-system model it is trained and scored on."""
 
     name: str = "none"
-    """`none`: every sampled device, level by emulator.case; `fixed`, `random`, `greedy`, `ppo`
-    choose per round who takes part and at which level (needs emulator.case=1)."""
+    """`none`: every sampled device, level by emulator.case; `fixed`, `random`, `greedy`,
+    `oort`, `ppo` choose per round who takes part and at which level (needs emulator.case=1)."""
     fixed_level: float = 0.4
     """`fixed`: the level every device gets."""
     greedy_fraction: float = 0.5
     """`greedy`: share of devices (best channels first) that take part."""
+    oort_fraction: float = 0.5
+    """`oort`: share of devices that take part (highest utility first)."""
+    oort_alpha: float = 2.0
+    """`oort`: straggler penalty exponent: a device slower than the round's preferred duration T
+    has its utility multiplied by (T / t) ** alpha (Oort's default 2)."""
+    oort_explore: float = 0.1
+    """`oort`: share of the chosen slots given to other devices at random (exploration)."""
     w_ppl: float = 10.0
     """Reward weight of the plug-in perplexity, relative to the round-0 perplexity."""
     w_latency: float = 0.01
@@ -199,6 +206,9 @@ class ControllerConfig:
                 f"{levels}"
             )
         check_range("controller.greedy_fraction", self.greedy_fraction, 0.0, 1.0, lo_open=True)
+        check_range("controller.oort_fraction", self.oort_fraction, 0.0, 1.0, lo_open=True)
+        check_range("controller.oort_alpha", self.oort_alpha, 0.0)
+        check_range("controller.oort_explore", self.oort_explore, 0.0, 1.0)
         for name in ("w_ppl", "w_latency", "w_swaps", "memory_penalty", "swap_penalty"):
             check_range(f"controller.{name}", getattr(self, name), 0.0)
         check_range("controller.swap_share", self.swap_share, 0.0, 1.0)

@@ -1,6 +1,6 @@
 """Controllers: per round, skip or an emulator level for every device (0 skip, k level k-1).
 
-`fixed`, `random` and `greedy` are the baselines; `ppo` wraps the learner and keeps the
+`fixed`, `random`, `greedy` and `oort` are the baselines; `ppo` wraps the learner and keeps the
 transitions it is fed back, updating every few of them. All act on a `Situation`, which the
 environment and the federated strategy fill the same way.
 """
@@ -84,6 +84,47 @@ class Greedy:
         action = [0] * n
         for i in chosen:
             action[int(i)] = best_fitting(s, int(i))
+        return action
+
+    def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
+        return {}
+
+
+class Oort:
+    """Oort-style selection (statistical utility x system speed; conf/controller/oort.yaml)."""
+
+    name = "oort"
+
+    def __init__(self, fraction: float, alpha: float, explore: float, seed: int) -> None:
+        self.fraction, self.alpha, self.explore = fraction, alpha, explore
+        self.rng = np.random.default_rng(seed)
+
+    def utilities(self, s: Situation) -> tuple[list[int], np.ndarray]:
+        """Per device: its best fitting option (0: none fits) and its utility (0 where none
+        fits): data share x (T / t) ** alpha where t > T, T the median t of fitting devices."""
+        n = len(s.memory_mb)
+        options = [best_fitting(s, i) for i in range(n)]
+        t = np.array([s.option_s[i, o - 1] if o else np.inf for i, o in enumerate(options)])
+        fits = np.array([o > 0 for o in options])
+        if not fits.any():
+            return options, np.zeros(n)
+        pace = float(np.median(t[fits]))
+        penalty = np.where(t > pace, (pace / np.where(fits, t, 1.0)) ** self.alpha, 1.0)
+        return options, np.where(fits, s.data_share * penalty, 0.0)
+
+    def act(self, s: Situation) -> list[int]:
+        options, utility = self.utilities(s)
+        fitting = [i for i in range(len(options)) if options[i]]
+        k = min(len(fitting), max(1, math.ceil(self.fraction * len(options))))
+        ranked = sorted(fitting, key=lambda i: (-utility[i], i))
+        explore = min(round(self.explore * k), len(fitting) - k)
+        chosen = ranked[: k - explore]
+        rest = ranked[k - explore :]
+        if explore > 0:
+            chosen += [rest[j] for j in self.rng.choice(len(rest), explore, replace=False)]
+        action = [0] * len(options)
+        for i in chosen:
+            action[i] = options[i]
         return action
 
     def feedback(self, reward: float, done: bool, next_s: Situation) -> dict[str, float]:
@@ -187,6 +228,8 @@ def make_controller(
         return RandomController(k, seed)
     if cfg.name == "greedy":
         return Greedy(cfg.greedy_fraction)
+    if cfg.name == "oort":
+        return Oort(cfg.oort_fraction, cfg.oort_alpha, cfg.oort_explore, seed)
     if cfg.name == "ppo":
         if checkpoint is None:
             log.warning("controller=ppo without a checkpoint: the policy starts untrained")

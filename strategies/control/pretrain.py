@@ -159,6 +159,7 @@ def compare(cfg: Config, checkpoint: Path, seeds: int, episodes: int) -> dict[st
         "random": replace(c, name="random"),
         "greedy": replace(c, name="greedy"),
         "greedy_all": replace(c, name="greedy", greedy_fraction=1.0),
+        "oort": replace(c, name="oort"),
         "ppo": replace(c, name="ppo"),  # episodes give no feedback: the policy stays as loaded
     }
     makers: dict[str, Callable[[int], Controller]] = {
