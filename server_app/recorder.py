@@ -15,6 +15,7 @@ from flwr.common.logger import log
 from fedpeat.config import Config
 from fedpeat.outputs import MetricsLog, plot_metrics
 from fedpeat.server_model import ServerModel
+from fedpeat.train import EvalResult
 from server_app.checkpoint import save_checkpoint
 from strategies.fedpeat_strategy import FedPEAT
 from strategies.round_stats import RoundStats, from_record
@@ -39,6 +40,11 @@ def improved(before: dict[str, Any], after: dict[str, Any], metric: str | None) 
     return bool(after["plugin_ppl"] < before["plugin_ppl"])
 
 
+def _figures(result: EvalResult, task: dict[str, float] | None) -> dict[str, Any]:
+    """`plugin_ppl` and, where measured, `task`: what `improved` compares and the row keeps."""
+    return {"plugin_ppl": result.ppl, **({"task": task} if task is not None else {})}
+
+
 class RoundRecorder:
     """Flower's `evaluate_fn`: evaluates the plug-in model and writes one metrics row per round.
 
@@ -58,14 +64,21 @@ class RoundRecorder:
         # What the devices trained (the emulator carries it for the gap); `state` differs only
         # after knowledge back, which changes the plug-in's adapter alone.
         self.device_state = self.state
+        # The final state's validation figures when knowledge back has measured them already
+        # (state, perplexity, task metrics): the row reuses them instead of evaluating again.
+        self._known: tuple[dict[str, np.ndarray], EvalResult, dict[str, float] | None] | None
+        self._known = None
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
         self.state = self.device_state = from_record(arrays)
         began = time.perf_counter()
+        self._known = None
         aligned = self._align(server_round)
-        result = self.server.evaluate(self.state)
+        known = self._known if self._known and self._known[0] is self.state else None
+        result = known[1] if known else self.server.evaluate(self.state)
         stats = self.strategy.end_round(server_round, result.ppl)
-        checks = {**aligned, **self._checks(server_round, stats, result.ppl)}
+        task = known[2] if known else None
+        checks = {**aligned, **self._checks(server_round, stats, result.ppl, task)}
         elapsed = time.perf_counter() - self.start
         row = {
             "round": server_round,
@@ -99,13 +112,15 @@ class RoundRecorder:
         steps = self.cfg.emulator.align.steps
         if not steps or server_round != self.rounds or level is None or self.server.full_ft:
             return {}
-        before = self._validation(self.state)
+        device_figures = self._validation(self.state)
         aligned, info = self.server.align(self.state, level)
-        after = self._validation(aligned)
+        aligned_figures = self._validation(aligned)
+        before, after = _figures(*device_figures), _figures(*aligned_figures)
         metric = self.cfg.eval.metrics[0] if "task" in before else None
         better = improved(before, after, metric)
         if better:
             self.state = aligned
+        self._known = (self.state, *(aligned_figures if better else device_figures))
         log(
             INFO,
             "knowledge back: %d steps, KL %.4f -> %.4f; %s %.3f -> %.3f on validation: %s",
@@ -120,24 +135,34 @@ class RoundRecorder:
         decided = {"kept": better, "decided_by": metric or "plugin_ppl"}
         return {"align": {**info, **decided, **{f"{k}_before": v for k, v in before.items()}}}
 
-    def _validation(self, state: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The plug-in's validation perplexity and task metrics (where configured) for `state`."""
-        out: dict[str, Any] = {"plugin_ppl": self.server.evaluate(state).ppl}
+    def _validation(
+        self, state: dict[str, np.ndarray]
+    ) -> tuple[EvalResult, dict[str, float] | None]:
+        """The plug-in's validation perplexity and task metrics (None where none is
+        configured) for `state`."""
         scored = self.server.task_scores(state) if self.cfg.eval.metrics else None
-        if scored is not None:
-            out["task"] = {m: scored.value(m) for m in self.cfg.eval.metrics}
-        return out
+        task = None if scored is None else {m: scored.value(m) for m in self.cfg.eval.metrics}
+        return self.server.evaluate(state), task
 
-    def _checks(self, server_round: int, stats: RoundStats, plugin_ppl: float) -> dict[str, Any]:
+    def _checks(
+        self,
+        server_round: int,
+        stats: RoundStats,
+        plugin_ppl: float,
+        task: dict[str, float] | None = None,
+    ) -> dict[str, Any]:
         """Validation figures beyond the plug-in perplexity: task metrics (every `eval.every`
-        rounds, round 0 and the last) and the emulator-vs-plug-in gap (Offsite-Tuning's
-        criterion) for the emulator most devices trained on this round."""
+        rounds, round 0 and the last; `task`: already measured for this state) and the
+        emulator-vs-plug-in gap (Offsite-Tuning's criterion) for the emulator most devices
+        trained on this round."""
         ev = self.cfg.eval
         out: dict[str, Any] = {}
         if ev.metrics and (server_round % ev.every == 0 or server_round == self.rounds):
-            scored = self.server.task_scores(self.state)
-            if scored is not None:
-                out["task"] = {m: scored.value(m) for m in ev.metrics}
+            if task is None:
+                scored = self.server.task_scores(self.state)
+                task = None if scored is None else {m: scored.value(m) for m in ev.metrics}
+            if task is not None:
+                out["task"] = task
         level = gap_level(self.cfg, stats)
         if ev.emulator_gap and level is not None:
             emu = self.server.emulator_ppl(level, self.device_state)
