@@ -17,6 +17,7 @@ Rows, per data set (E2E when ../shared/data/e2e is present, and Shakespeare):
   held_align    held, then knowledge back: after the last round the plug-in's adapter imitates
                 the emulator carrying it on the server's prompts or text (no server labels),
                 96 steps, kept only where it scores better on the validation split
+  held_1500_align  held_1500, then knowledge back (the better emulator as the teacher)
   server        the server alone: its own data, no devices, same steps per round
   centralised   one LoRA with FedPEAT's adapter on the pooled device data, as many steps as
                 all devices took together
@@ -72,6 +73,7 @@ ROWS = {
     "held_1500": "emulator.adapt=held emulator.distill.steps=1500 emulator.levels=[0.4] "
     + " ".join(f"devices.profiles.{i}.memory_mb=900" for i in (1, 2, 3, 4)),
 }
+ROWS["held_1500_align"] = ROWS["held_1500"] + " emulator.align.steps=96"
 
 
 def region_modules(overrides: str) -> str:
@@ -192,6 +194,7 @@ ORDER = [
     "held_kd",
     "held_1500",
     "held_align",
+    "held_1500_align",
     "server",
     "centralised",
     "fedpeat_9_rounds",
@@ -260,6 +263,7 @@ def ratios(rows: dict[str, Any]) -> list[str]:
         ("held_kd", "FedPEAT, held layers, kd distillation,"),
         ("held_1500", "FedPEAT, held layers, keep 0.4 distilled 1,500 steps,"),
         ("held_align", "FedPEAT, held layers, knowledge back,"),
+        ("held_1500_align", "FedPEAT, keep 0.4 distilled 1,500 steps, knowledge back,"),
         ("fedpeat_9_rounds", "FedPEAT, 9 rounds,"),
     )
     for name, label in labels:
