@@ -33,7 +33,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from bench.common import RESULTS, machine, write_json, write_md
 from bench.federated_report import CONTROLLERS, device_steps, markdown, plots, report
@@ -73,6 +73,7 @@ def plan_runs(seeds: list[int], base: str = "") -> list[Spec]:
 
 def run_inprocess(overrides: str, run_dir: Path, devices: int) -> None:
     """The ServerApp's run against an in-process grid (this process)."""
+    from flwr.serverapp import Grid
     from flwr.supercore.task_identity import TaskIdentity
 
     from bench.inprocess import InProcessGrid
@@ -83,7 +84,8 @@ def run_inprocess(overrides: str, run_dir: Path, devices: int) -> None:
     cfg = resolve_paths(compose(overrides), Path.cwd())
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "overrides.txt").write_text(overrides + "\n")
-    _run(InProcessGrid(devices), cfg, run_dir, _checkpoint(cfg, Path.cwd()))
+    grid = cast(Grid, InProcessGrid(devices))  # Flower's Grid in all the ServerApp uses
+    _run(grid, cfg, run_dir, _checkpoint(cfg, Path.cwd()))
 
 
 def pretrain_controller(threads: int) -> None:

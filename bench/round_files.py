@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 from bench.common import machine, write_json, write_md
 
@@ -56,6 +56,8 @@ def _project_file(filename: str) -> str | None:
 def trace_round(overrides: str, devices: int, run_dir: Path, traced: int = 2) -> RoundFiles:
     """Run `overrides` in process with `devices` devices and trace round `traced` (from its
     configure_train to the end of its row). The ServerApp runtime's identity must be set."""
+    from flwr.serverapp import Grid
+
     from bench.inprocess import InProcessGrid
     from fedpeat.config import compose
     from server_app.app import _run
@@ -92,7 +94,7 @@ def trace_round(overrides: str, devices: int, run_dir: Path, traced: int = 2) ->
     FedPEAT.configure_train = traced_configure  # type: ignore[method-assign]
     RoundRecorder.__call__ = traced_record  # type: ignore[method-assign]
     try:
-        _run(InProcessGrid(devices), compose(overrides), run_dir)
+        _run(cast(Grid, InProcessGrid(devices)), compose(overrides), run_dir)
     finally:
         sys.setprofile(None)
         FedPEAT.configure_train = configure  # type: ignore[method-assign]
