@@ -31,6 +31,7 @@ def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
         "round_files": [[*py, "bench.round_files"]],
         # E2E rows need ../shared/data/e2e (skipped with a message where it is absent).
         "transfer": [[*py, "bench.transfer", *(["--reuse"] if reuse else [])]],
+        "aggregation": [[*py, "bench.aggregation", *(["--reuse"] if reuse else [])]],
     }
 
 

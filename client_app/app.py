@@ -2,8 +2,10 @@
 
 The server sends the global adapter, a plan (resolved config, which emulator to use) and the
 emulator's weights only when this device does not hold them; they are cached on disk by digest
-(deployment starts a fresh process every round). The device's partition comes from its node
-config (`partition-id`, `num-partitions`). Only adapter tensors travel back.
+(deployment starts a fresh process every round), as many as the device's disk budget allows
+(least recently used go first), and each train reply says which it keeps. The device's
+partition comes from its node config (`partition-id`, `num-partitions`). Only adapter tensors
+and that list travel back.
 """
 
 from __future__ import annotations
@@ -21,11 +23,16 @@ from fedpeat.device import (
     device_evaluate,
     device_profile,
     device_train,
+    disk_budget_mb,
+    held_emulators,
+    keep_recent,
     receive_emulator,
 )
 from fedpeat.protocol import (
     ADAPTER_KEY,
+    CACHE_KEY,
     EMULATOR_KEY,
+    HOLDS_FIELD,
     METRICS_KEY,
     NUM_PARTITIONS,
     PARTITION_ID,
@@ -67,10 +74,14 @@ def _residual(msg: Message) -> dict[str, np.ndarray] | None:
 
 
 def _store_emulator(msg: Message, plan: Plan, context: Context) -> None:
-    if EMULATOR_KEY not in msg.content.array_records:
-        return
-    tensors = {k: v.numpy() for k, v in msg.content.array_records[EMULATOR_KEY].items()}
-    receive_emulator(plan.emulator.package(tensors), _node_key(context))
+    """Store the emulator that came with the message, or mark the held one as used; then keep
+    what the device's disk allows of the others (least recently used go first)."""
+    budget = disk_budget_mb(plan, context.node_config)
+    if EMULATOR_KEY in msg.content.array_records:
+        tensors = {k: v.numpy() for k, v in msg.content.array_records[EMULATOR_KEY].items()}
+        receive_emulator(plan.emulator.package(tensors), _node_key(context), budget)
+    elif plan.emulator.digest:
+        keep_recent(_node_key(context), plan.emulator.digest, budget)
 
 
 def clip_update(
@@ -120,7 +131,10 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     arrays = ArrayRecord(array_dict={k: Array(v) for k, v in new_state.items()})
-    return Message(RecordDict({ADAPTER_KEY: arrays, METRICS_KEY: metrics}), reply_to=msg)
+    # What the device keeps after the round, so the server sends none of it again.
+    cache = ConfigRecord({HOLDS_FIELD: ",".join(held_emulators(_node_key(context)))})
+    content = RecordDict({ADAPTER_KEY: arrays, METRICS_KEY: metrics, CACHE_KEY: cache})
+    return Message(content, reply_to=msg)
 
 
 @app.evaluate()

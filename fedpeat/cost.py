@@ -36,12 +36,14 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from fedpeat.config import Config, DeviceProfile
 
 MiB = 2**20
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -216,8 +218,12 @@ def device_latency_s(
     full_finetune: bool = False,
 ) -> float:
     """One device's round: receive (emulator if it lacks it) + adapter, train, send the adapter.
-    Uplink and downlink use the same link figures. `full_finetune`: 6N compute (fed_ft)."""
-    rate = rate_bps(profile.bandwidth_mhz * 1e6, profile.power_dbm, profile.distance_m, fading)
+    Uplink and downlink use the same link figures, or its measured throughput where there is one
+    (then no fading draw: the measurement already saw the channel). `full_finetune`: 6N compute
+    (fed_ft)."""
+    rate = profile.link_bps or rate_bps(
+        profile.bandwidth_mhz * 1e6, profile.power_dbm, profile.distance_m, fading
+    )
     down = adapter_bytes + (level.bytes if send_emulator else 0.0)
     return transmission_s(down, adapter_bytes, rate, rate) + compute_s(
         tokens, level.params, profile.gflops * 1e9, full_finetune
@@ -260,12 +266,28 @@ class RoundOutcome:
     not free)."""
 
 
+def cache_keep(held: Sequence[T], sizes: Sequence[float], budget: float) -> list[T]:
+    """What a device's emulator cache keeps: `held` oldest use first (the newest, last, is the
+    one in use and always stays), the most recently used others while their `sizes` together
+    fit `budget` (same unit); an older one is dropped even where a still older one would fit,
+    so the cache is exactly the recent past (LRU). `budget` <= 0: the newest alone."""
+    if not held:
+        return []
+    kept, total = [held[-1]], float(sizes[-1])
+    for item, size in zip(reversed(held[:-1]), reversed(sizes[:-1]), strict=True):
+        if budget <= 0 or total + size > budget:
+            break
+        kept.append(item)
+        total += size
+    return kept[::-1]
+
+
 def price_round(
     action: Sequence[int],
     profiles: Sequence[DeviceProfile],
     levels: Sequence[Level],
     fading: np.ndarray,
-    holding: list[int],
+    holding: list[list[int]],
     swap_counts: list[int],
     round_index: int,
     w: Weights,
@@ -277,8 +299,10 @@ def price_round(
 ) -> RoundOutcome:
     """Apply `action` (0 skip, k level k-1) to the holdings and swap counts (updated in place)
     and price the round. A device given a level that does not fit its memory does not train and
-    receives nothing (the server would not send it). `holding[i]` is 0 (none) or level + 1.
-    A swap replaces a held emulator; a first download is an exchange but no swap.
+    receives nothing (the server would not send it). `holding[i]`: the options (level + 1)
+    device i holds, oldest use first; it keeps what `cache_keep` allows under its profile's
+    `disk_mb`. A level it holds is not sent again; a swap is a download to a device that
+    already holds an emulator (a first download is an exchange but no swap).
     `check_memory=False`: the caller has already kept devices that do not fit out of `action`
     (the strategy, whose planner may fit a level by quantizing). `server_s`: the server's own
     compute, added to the slowest device's time. `adapter_bytes` (each way) and `tokens` (trained
@@ -292,15 +316,18 @@ def price_round(
         if check_memory and level.need_mb > profiles[i].memory_mb:
             out.memory_violations += 1
             continue
-        send = holding[i] != a
+        held = holding[i]
+        send = a not in held
         if send:
             out.exchanges += 1
-            if holding[i] != 0:
+            if held:
                 out.swaps += 1
                 swap_counts[i] += 1
                 if swap_counts[i] > w.swap_share * (round_index + 1):
                     out.swap_violations += 1
-            holding[i] = a
+        order = [h for h in held if h != a] + [a]
+        sizes = [levels[h - 1].bytes for h in order]
+        held[:] = cache_keep(order, sizes, profiles[i].disk_mb * MiB)
         t = device_latency_s(
             profiles[i],
             float(fading[i]),

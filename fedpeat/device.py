@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from fedpeat.cost import MiB
+from fedpeat.cost import MiB, cache_keep
 from fedpeat.data import Encoded, device_data, encode
 from fedpeat.emulator import (
     EmulatorError,
@@ -31,7 +31,6 @@ from fedpeat.emulator import (
     keys_on_layers,
     load_package,
     local_adapter_layers,
-    prune_cache,
     save_package,
     to_emulator_keys,
     to_emulator_modules,
@@ -143,13 +142,39 @@ def held_emulators(node_key: str) -> list[str]:
     return sorted(p.stem for p in device_cache(node_key).glob("*.safetensors"))
 
 
-def receive_emulator(pkg: Package, node_key: str) -> None:
-    """Verify and store an emulator the server sent; it replaces whatever the device held."""
+def disk_budget_mb(plan: Plan, node_config: Mapping[str, Any]) -> float:
+    """The disk this device gives to emulators: its node config's disk-mb, else the plan's."""
+    if "disk-mb" in node_config:
+        return float(node_figures(node_config)["disk-mb"])
+    return plan.disk_mb
+
+
+def receive_emulator(pkg: Package, node_key: str, disk_mb: float = 0.0) -> list[str]:
+    """Verify and store an emulator the server sent, then keep what `disk_mb` allows of the
+    others, most recently used first (`fedpeat.cost.cache_keep`). Returns the digests kept."""
     if content_hash(pkg.config_json, pkg.layers, pkg.state) != pkg.digest:
         raise EmulatorError(f"emulator {pkg.digest[:12]} arrived damaged: content hash mismatch")
+    save_package(pkg, device_cache(node_key))
+    return keep_recent(node_key, pkg.digest, disk_mb)
+
+
+def keep_recent(node_key: str, in_use: str, disk_mb: float) -> list[str]:
+    """Mark `in_use` as just used and drop the least recently used emulators beyond `disk_mb`
+    (by file modification time: a device's cache survives its process). Returns the kept."""
     directory = device_cache(node_key)
-    save_package(pkg, directory)
-    prune_cache(directory, [pkg.digest])
+    current = directory / f"{in_use}.safetensors"
+    if current.is_file():
+        os.utime(current)
+    files = sorted(
+        directory.glob("*.safetensors"),
+        key=lambda p: (p == current, p.stat().st_mtime_ns, p.name),
+    )
+    sizes = [p.stat().st_size / MiB for p in files]
+    kept = cache_keep([p.stem for p in files], sizes, disk_mb)
+    for path in files:
+        if path.stem not in kept:
+            path.unlink(missing_ok=True)
+    return sorted(kept)
 
 
 def _emulator_model(
@@ -304,7 +329,8 @@ def available_memory_mb(device: torch.device) -> float:
 
 def node_figures(node_config: Mapping[str, Any]) -> dict[str, float | str]:
     """The figures a node's config sets about the device (`NODE_FIGURES`, and `profile`, a
-    name), checked: each must be a positive number (power-dbm: any number)."""
+    name), checked: each must be a positive number (power-dbm: any number; disk-mb: 0 or
+    more)."""
     out: dict[str, float | str] = {}
     for key in NODE_FIGURES:
         if key not in node_config:
@@ -314,7 +340,9 @@ def node_figures(node_config: Mapping[str, Any]) -> dict[str, float | str]:
             value = float(raw)
         except (TypeError, ValueError):
             raise ValueError(f"node config {key}={raw!r} is not a number") from None
-        if not np.isfinite(value) or (key != "power-dbm" and value <= 0):
+        if key == "disk-mb" and np.isfinite(value) and value >= 0:
+            pass
+        elif not np.isfinite(value) or (key != "power-dbm" and value <= 0):
             raise ValueError(f"node config {key}={raw!r} must be a positive number")
         out[key] = value
     if "profile" in node_config:

@@ -40,6 +40,9 @@ PLAN_KEY = "plan"
 METRICS_KEY = "metrics"
 EMULATOR_KEY = "emulator"
 PROFILE_KEY = "profile"
+# A train reply's ConfigRecord of the emulators the device keeps after the round.
+CACHE_KEY = "cache"
+HOLDS_FIELD = "holds"
 RESIDUAL_KEY = "residual"
 # Inside the PLAN ConfigRecord: the plan's JSON, the round, and (a query) what is asked.
 PLAN_FIELD = "plan"
@@ -58,7 +61,8 @@ NODE_LINK = {
     "power-dbm": "power_dbm",
     "distance-m": "distance_m",
 }
-NODE_FIGURES = ("memory-mb", *NODE_LINK)
+# disk-mb: what the device gives to the emulators it keeps (0: only the one in use).
+NODE_FIGURES = ("memory-mb", "disk-mb", *NODE_LINK)
 
 
 @dataclass
@@ -127,6 +131,9 @@ class Plan:
     budget_mb: float = 0.0
     """A simulated device's memory budget (its devices= profile; simulated devices share the
     host's memory); 0: the device goes by what it measures and its node config."""
+    disk_mb: float = 0.0
+    """The device's disk for emulators as the server knows it (its profile); the node config's
+    disk-mb wins on the device. 0: it keeps only the emulator in use."""
     clipping_norm: float = 0.0
     """privacy.clipping=client: clip the update to this L2 norm before replying; 0: do not."""
 

@@ -287,6 +287,92 @@ def partial_average(
     return out
 
 
+# --------------------------------------------------------------------------- stacking (FLoRA)
+
+
+def stack_used(state: State) -> int:
+    """Rank components of the global adapter the stack has filled: one past the last non-zero
+    column of any B (a fresh LoRA's B is zero, so an unfilled component's is)."""
+    used = 0
+    for key, value in state.items():
+        if _B in key and (nz := np.flatnonzero(np.any(value != 0, axis=0))).size:
+            used = max(used, int(nz[-1]) + 1)
+    return used
+
+
+def stack_share(
+    state: State, modules: Sequence[str], rank: int, offset: int, used: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """What a device gets under stacking, for its `modules`: the global adapter's components
+    [offset, offset + rank) to train (a fresh LoRA where the stack is still empty: the initial
+    random A, zero B), and the other filled components [0, used) as frozen terms, so it trains
+    on top of everything stacked so far (FLoRA merges the stack into the model it sends).
+    With offset 0 and the filled count, the two together are the whole global adapter."""
+    share: dict[str, np.ndarray] = {}
+    residual: dict[str, np.ndarray] = {}
+    rest = [j for j in range(used) if not offset <= j < offset + rank]
+    sub = {k: v for k, v in state.items() if _of_module(k, modules)}
+    for a_key, b_key in lora_pairs(sub).values():
+        share[a_key] = np.ascontiguousarray(state[a_key][offset : offset + rank])
+        share[b_key] = np.ascontiguousarray(state[b_key][:, offset : offset + rank])
+        if rest:
+            residual[a_key] = np.ascontiguousarray(state[a_key][rest])
+            residual[b_key] = np.ascontiguousarray(state[b_key][:, rest])
+    return share, residual
+
+
+def stack_aggregate(
+    base: State, states: Sequence[State], weights: Sequence[float], offsets: Sequence[int]
+) -> dict[str, np.ndarray]:
+    """FLoRA's stacking: device i's adapter, trained from a fresh block, is written into the
+    global adapter at [offset_i, offset_i + r_i): A_i as it is and B_i times p_i, its weight
+    over those of the devices that trained the module. The global product gains exactly
+    sum_i p_i B_i A_i: no average of factors, no truncation. Everything outside the blocks keeps
+    `base`'s; tensors that are not LoRA factors take the weighted mean."""
+    w = _checked_weights(states, weights)
+    out = {k: np.array(v, dtype=np.float32) for k, v in base.items()}
+    for key in sorted({k for st in states for k in st}):
+        members = [i for i, st in enumerate(states) if key in st]
+        total = w[members].sum()
+        if total <= 0:
+            continue
+        axis = _rank_axis(key)
+        if axis is None:
+            acc = sum((w[i] / total) * states[i][key].astype(np.float64) for i in members)
+            out[key] = np.asarray(acc, dtype=np.float32)
+            continue
+        for i in members:
+            value = states[i][key].astype(np.float64) * (w[i] / total if axis == 1 else 1.0)
+            block = slice(offsets[i], offsets[i] + value.shape[axis])
+            np.moveaxis(out[key], axis, 0)[block] = np.moveaxis(value, axis, 0)
+    return out
+
+
+def stack_room(
+    state: State, need: int, rank: int, fill: State | None = None
+) -> tuple[dict[str, np.ndarray], float]:
+    """Make room for `need` more components in a stack of capacity `rank`: where it would
+    overflow, every module's product is re-factorised into the first rank - need components
+    (the rest get `fill`'s A and zero B: free again). Returns the state and the largest
+    truncation error ||dW - B A||_F over modules (0 when nothing had to move)."""
+    keep = rank - need
+    if keep < 0:
+        raise ValueError(f"a round's stacked ranks ({need}) exceed the global rank {rank}")
+    if stack_used(state) <= keep:
+        return dict(state), 0.0
+    out, error = dict(state), 0.0
+    for a_key, b_key in lora_pairs(state).values():
+        init = fill.get(a_key) if fill is not None else None
+        b, a, dropped = factorise(_product(state, a_key, b_key), keep, init)
+        full_a = np.array(init if init is not None else state[a_key], dtype=np.float64)
+        full_a[:keep] = a
+        full_b = np.zeros(state[b_key].shape)
+        full_b[:, :keep] = b
+        out[a_key], out[b_key] = full_a.astype(np.float32), full_b.astype(np.float32)
+        error = max(error, float(np.sqrt(np.sum(dropped**2))))
+    return out, error
+
+
 # --------------------------------------------------------------------------- outlier updates
 
 
@@ -338,6 +424,7 @@ def merge_updates(
     fill: State | None = None,
     received: Sequence[State | None] | None = None,
     base: State | None = None,
+    offsets: Sequence[int] | None = None,
 ) -> tuple[dict[str, np.ndarray], float | None]:
     """The new global adapter by `strategy.aggregation` (`rule`), and for `exact` the largest
     truncation error ||dW - B A||_F over modules (None otherwise).
@@ -346,8 +433,13 @@ def merge_updates(
     rows; averaging the updates from what each device `received`, not the products, keeps what
     truncated devices never saw). `fedavg`: the plain weighted average, or with `planned`
     devices (ranks and module sets differ) `partial_average` at the global `rank` (rank
-    components no device holds keep `base`'s).
+    components no device holds keep `base`'s). `stack`: `stack_aggregate` of each device's block
+    at its `offsets` entry into `base`.
     """
+    if rule == "stack":
+        if base is None or offsets is None or len(offsets) != len(states):
+            raise ValueError("stacking needs `base` and one offset per state")
+        return stack_aggregate(base, states, weights, offsets), None
     if rule == "exact":
         merged, errors = exact_aggregate(
             states, weights, rank=rank, fill=fill, received=received, base=base

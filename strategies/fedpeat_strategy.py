@@ -43,6 +43,7 @@ from strategies.aggregation import (
 )
 from strategies.control.online import OnlineControl
 from strategies.fleet import Fleet
+from strategies.links import MeasuredLinks
 from strategies.planning import (
     Assignment,
     DevicePlan,
@@ -50,6 +51,7 @@ from strategies.planning import (
     device_work,
     plan_round,
     put_adapter,
+    stack_blocks,
 )
 from strategies.planning import server_levels as priced_levels
 from strategies.privacy import PrivateMean, private_merge
@@ -94,10 +96,12 @@ class FedPEAT(Strategy):
         self._plans: dict[int, Plan] = {}
         self._expected: dict[int, dict[str, tuple[int, ...]]] = {}
         self._received: dict[int, dict[str, np.ndarray]] = {}
+        self._offsets: dict[int, int] = {}  # aggregation=stack: each device's block this round
         self._digests: dict[float, str] = {}  # a resumed run's packages, by level
         self._sent_at = time.perf_counter()  # when the last messages left (phase timing)
         self._round = 0
         self.resumed = False
+        self.links = MeasuredLinks(cfg.devices.measuring)
 
     # ------------------------------------------------------------------ the round loop
 
@@ -115,6 +119,7 @@ class FedPEAT(Strategy):
         """Flower's round loop (`Strategy.start`), able to begin at `first_round` when a run
         resumes from a checkpoint (then `initial_arrays` is the checkpoint's adapter and the
         round-0 evaluation is not repeated)."""
+        grid = self.links.wrap(grid)
         if first_round == 1 and not self.resumed:
             return super().start(
                 grid,
@@ -200,7 +205,7 @@ class FedPEAT(Strategy):
         sampled = [n for n in sampled if n in fleet.profiles]
         stats.num_sampled = len(sampled)
         self.state = from_record(arrays)
-        self._plans, self._expected, self._received = {}, {}, {}
+        self._plans, self._expected, self._received, self._offsets = {}, {}, {}, {}
         # Server-side DP clips relative to this round's adapter; client side tells the devices.
         dp_config = self.private.configure(server_round, arrays, grid) if self.private else {}
         known = fleet.known(nodes)
@@ -217,6 +222,9 @@ class FedPEAT(Strategy):
             fleet.data_size,
             self._emulator_bytes,
         )
+        if self.cfg.strategy.aggregation == "stack":  # FLoRA: where each device's block goes
+            placed = stack_blocks(self.state, plans, self.server)
+            self.state, self._offsets, stats.truncation_error = placed
         clipping = float(dp_config.get(KEY_CLIPPING_NORM, 0.0))
         messages = []
         for node, assignment in assignments.items():
@@ -253,8 +261,9 @@ class FedPEAT(Strategy):
             return None
         content = RecordDict({ADAPTER_KEY: arrays})
         planned = (device_plan.modules, device_plan.rank) if device_plan else None
+        offset = self._offsets.get(node, 0)
         if share := put_adapter(
-            content, self.cfg, self.server, self.state, assignment.level, planned
+            content, self.cfg, self.server, self.state, assignment.level, planned, offset
         ):
             self._received[node] = share  # a part of the global adapter, not all of it
         self._expected[node] = state_shapes(from_record(content.array_records[ADAPTER_KEY]))
@@ -290,7 +299,7 @@ class FedPEAT(Strategy):
         pkg = self.server.package(level)
         return 0 if pkg.digest in self.fleet.holdings.get(node, set()) else pkg.nbytes
 
-    def _holding(self) -> list[int]:
+    def _holding(self) -> list[list[int]]:
         # Packages are built when first sent: a resumed run knows earlier ones by their digest.
         digests = {**self._digests, **self.server.package_digests()}
         return self.control.holding(self.fleet.holdings, digests)
@@ -303,11 +312,10 @@ class FedPEAT(Strategy):
         stats.action = {n: levels_sent.get(n) for n in sorted(assignments)}
         # Holdings as they were before this round (replies update them); now that this round's
         # packages exist, a device that already holds its level is recognised by the digest.
-        case3 = self.cfg.emulator.case == 3
         work = device_work(self._plans, self._expected, self.cfg.data.max_length)
-        priced = self.control.price_sent(
-            levels_sent, self._holding(), violations, case3, work
-        ).outcome
+        case3 = self.cfg.emulator.case == 3
+        t = self.control.price_sent(levels_sent, self._holding(), violations, case3, work)
+        priced = t.outcome
         stats.latency_s, stats.swaps = priced.latency_s, priced.swaps
         stats.violations = priced.memory_violations + priced.swap_violations
 
@@ -319,9 +327,14 @@ class FedPEAT(Strategy):
         stats = self.stats.setdefault(server_round, RoundStats())
         stats.timing["train_exchange"] = began - self._sent_at
         self._round = server_round
+        replies = list(replies)
         valid, refused = accept_replies(
             stats, replies, self._expected, self.shapes, self.cfg.strategy.round_timeout_s
         )
+        for msg in replies:
+            self.fleet.note_holdings(msg, self._plans.get(msg.metadata.src_node_id))
+        if links := self.links.record(replies, stats.devices, self.fleet.device_profiles):
+            self.control.measured(links)
         for node, reason, status in refused:
             self._reject(stats, node, reason, status)
         server_update = None
@@ -366,11 +379,7 @@ class FedPEAT(Strategy):
             self._reject(stats, node, reason)
         valid = [v for v in valid if v[0].metadata.src_node_id not in bad]
         for msg, _, weight, metrics in valid:
-            node = msg.metadata.src_node_id
-            stats.trained(node, weight, metrics)
-            plan = self._plans.get(node)
-            if plan is not None and plan.emulator.digest:
-                self.fleet.holdings[node] = {plan.emulator.digest}
+            stats.trained(msg.metadata.src_node_id, weight, metrics)
         return valid
 
     def _start_of(self, node: int) -> dict[str, np.ndarray]:
@@ -435,6 +444,7 @@ class FedPEAT(Strategy):
             fill=self.server.initial_state,
             received=received,
             base=self.state,
+            offsets=[self._offsets.get(msg.metadata.src_node_id, 0) for msg, *_ in valid],
         )
         return merged
 
@@ -480,14 +490,8 @@ class FedPEAT(Strategy):
 
     def summary(self) -> None:
         s, e = self.cfg.strategy, self.cfg.emulator
-        log(
-            INFO,
-            "FedPEAT: case %d, levels %s, aggregation=%s, fraction_train=%.2f, server_train=%s, "
-            "planner=%s",
-            e.case,
-            e.levels if e.case == 1 else e.shared_level,
-            s.aggregation,
-            s.fraction_train,
-            s.server_train,
-            "on" if self.cfg.planner.enabled else "off",
-        )
+        levels = e.levels if e.case == 1 else e.shared_level
+        planner = "on" if self.cfg.planner.enabled else "off"
+        text = "FedPEAT: case %d, levels %s, aggregation=%s, fraction_train=%.2f, server_train=%s"
+        figures = (e.case, levels, s.aggregation, s.fraction_train, s.server_train, planner)
+        log(INFO, text + ", planner=%s", *figures)

@@ -21,6 +21,8 @@ from fedpeat.config import Config, DeviceProfile
 from fedpeat.data import partition_sizes
 from fedpeat.protocol import (
     ASK_FIELD,
+    CACHE_KEY,
+    HOLDS_FIELD,
     NODE_LINK,
     NUM_PARTITIONS,
     PARTITION_ID,
@@ -61,9 +63,15 @@ def profile_of(
         else:
             figures[name] = float(getattr(sim, name))
             assumed.append(name)
+    if "disk-mb" in prof:
+        disk = float(prof["disk-mb"])
+    else:
+        disk = sim.disk_mb
+        assumed.append("disk_mb")
     profile = DeviceProfile(
         name=str(prof.get("profile", sim.name)),
         memory_mb=memory,
+        disk_mb=disk,
         bf16=bool(prof.get("bf16", sim.bf16)),
         **figures,
     )
@@ -136,6 +144,19 @@ class Fleet:
         self.profiles[node] = prof
         stats.profiles[node] = {**prof, **vars(device), "assumed": assumed}
         self.holdings[node] = {d for d in str(prof.get("holds", "")).split(",") if d}
+
+    def note_holdings(self, reply: Message, plan: Plan | None) -> None:
+        """What a device keeps after a train round: the list its reply gives; a reply without
+        one is taken to hold the emulator it trained on; an error changes nothing (a device
+        that lost its emulator says so, and `lost_emulator` clears its record)."""
+        if reply.has_error() or not reply.has_content():
+            return
+        node = reply.metadata.src_node_id
+        record = reply.content.config_records.get(CACHE_KEY)
+        if record is not None and HOLDS_FIELD in record:
+            self.holdings[node] = {d for d in str(record[HOLDS_FIELD]).split(",") if d}
+        elif plan is not None and plan.emulator.digest:
+            self.holdings[node] = {plan.emulator.digest}
 
     def known(self, nodes: list[int]) -> list[int]:
         """The nodes that reported a profile, in partition order."""

@@ -16,7 +16,13 @@ from fedpeat.config import Config, DeviceProfile
 from fedpeat.cost import Level, MiB, compute_s, rate_bps, transmission_s
 from fedpeat.protocol import ADAPTER_KEY, RESIDUAL_KEY, EmulatorRef, Plan
 from fedpeat.server_model import ServerModel
-from strategies.aggregation import device_residual, device_share
+from strategies.aggregation import (
+    device_residual,
+    device_share,
+    stack_room,
+    stack_share,
+    stack_used,
+)
 from strategies.round_stats import to_record
 
 # --------------------------------------------------------------------------- levels
@@ -158,8 +164,11 @@ class DevicePlan:
 
 
 def link_rate_bps(profile: DeviceProfile) -> float:
-    """The device's mean Shannon rate (no fading: the planner plans on the average channel)."""
-    return rate_bps(profile.bandwidth_mhz * 1e6, profile.power_dbm, profile.distance_m)
+    """The device's measured throughput where there is one, else its mean Shannon rate (no
+    fading: the planner plans on the average channel)."""
+    return profile.link_bps or rate_bps(
+        profile.bandwidth_mhz * 1e6, profile.power_dbm, profile.distance_m
+    )
 
 
 def importance_share(scores: Mapping[str, float], modules: list[str], chosen: list[str]) -> float:
@@ -361,6 +370,7 @@ def build_plan(
         full_finetune=server.full_ft,
         need_mb=need,
         budget_mb=budget,
+        disk_mb=profile.disk_mb if profile is not None else 0.0,
         clipping_norm=clipping_norm,
     )
 
@@ -388,14 +398,21 @@ def put_adapter(
     state: Mapping[str, np.ndarray],
     level: float,
     planned: tuple[list[str], int] | None,
+    offset: int = 0,
 ) -> dict[str, np.ndarray] | None:
     """Put into `content` what of the global adapter `state` a device at `level` is sent, and
     return it (None: the whole adapter, already in `content`). A planned device (`planned`: its
     matrices and rank) gets those matrices at its rank (`device_share`) and, `exact` with
-    `strategy.residual`, the frozen rest; under `emulator.adapt=held` a device gets the layers
-    its emulator holds."""
+    `strategy.residual`, the frozen rest; under `stack`, the block at `offset` to train and the
+    stack so far frozen (`stack_share`; offset 0 to evaluate the whole); under
+    `emulator.adapt=held` a device gets the layers its emulator holds."""
     share = None
-    if planned is not None:
+    if planned is not None and cfg.strategy.aggregation == "stack":
+        modules, rank = planned
+        share, rest = stack_share(dict(state), modules, rank, offset, stack_used(state))
+        if rest:
+            content[RESIDUAL_KEY] = to_record(rest)
+    elif planned is not None:
         exact = cfg.strategy.aggregation == "exact"
         modules, rank = planned
         share = device_share(dict(state), modules, rank, exact, server.initial_state)
@@ -410,3 +427,26 @@ def put_adapter(
     if share is not None:
         content[ADAPTER_KEY] = to_record(share)
     return share
+
+
+def stack_blocks(
+    state: Mapping[str, np.ndarray], plans: dict[int, DevicePlan | str], server: ServerModel
+) -> tuple[dict[str, np.ndarray], dict[int, int], float | None]:
+    """`strategy.aggregation=stack`: where in the global adapter (capacity: its rank) each planned
+    device's block goes this round (node -> first component), after making room (`stack_room`:
+    the stack re-factorised where this round's blocks would not fit; its truncation error is
+    returned, None where nothing moved). Devices whose blocks together would exceed the capacity
+    (smallest ranks are placed first) sit the round out: their plan becomes the reason."""
+    rank, fill = server.adapter_cfg.r, server.initial_state
+    ranks = {n: p.rank for n, p in plans.items() if isinstance(p, DevicePlan)}
+    placed: dict[int, int] = {}
+    need = 0
+    for node in sorted(ranks, key=lambda n: (ranks[n], n)):
+        if need + ranks[node] <= rank:
+            placed[node] = need
+            need += ranks[node]
+        else:
+            plans[node] = f"stack full: the global rank {rank} holds no block of rank {ranks[node]}"
+    new, error = stack_room(state, need, rank, fill)
+    start = stack_used(new)
+    return new, {node: start + at for node, at in placed.items()}, error if error > 0 else None

@@ -75,6 +75,11 @@ class DeviceRound:
     est_time_s: float | None = None
     update_norm: float | None = None
     """L2 norm of the update it returned (reply minus what it received)."""
+    round_trip_s: float | None = None
+    link_bps: float | None = None
+    """Measured links (`devices.measure_links`): seconds from sending to its reply, and its
+    link's effective throughput measured so far (None: not measured, the link figures price
+    it)."""
 
     @classmethod
     def sent(

@@ -306,3 +306,84 @@ def test_partial_average_returning_the_received_slices_changes_nothing() -> None
     out = partial_average(slices, [2.0, 1.0], rank=4, base=base)
     for key, value in base.items():
         np.testing.assert_allclose(out[key], value, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- stacking (FLoRA)
+
+from strategies.aggregation import (  # noqa: E402
+    merge_updates,
+    stack_aggregate,
+    stack_room,
+    stack_share,
+    stack_used,
+)
+
+_QA, _QB = "layers.0.q_proj.lora_A.weight", "layers.0.q_proj.lora_B.weight"
+
+
+def _global(rank: int = 4, used: int = 0) -> dict[str, np.ndarray]:
+    """A global adapter of `rank` components on a 3-in, 2-out module: A rows 1..rank (row j is
+    j+1 in every entry), B columns j < `used` filled with j+1, the rest zero."""
+    a = np.repeat(np.arange(1.0, rank + 1)[:, None], 3, axis=1).astype(np.float32)
+    b = np.zeros((2, rank), np.float32)
+    b[:, :used] = np.arange(1.0, used + 1)
+    return {_QA: a, _QB: b}
+
+
+def test_stack_used_counts_the_filled_components() -> None:
+    assert stack_used(_global(4, 0)) == 0
+    assert stack_used(_global(4, 2)) == 2
+    g = _global(4, 0)
+    g[_QB][1, 2] = 0.5  # one entry of component 2 filled: components 0..2 count as used
+    assert stack_used(g) == 3
+
+
+def test_stacking_places_each_block_and_keeps_the_sum_of_products() -> None:
+    base = _global(4, 0)
+    # Device 1 (weight 1) trained components [0, 1), device 2 (weight 3) components [1, 3).
+    s1 = {_QA: np.full((1, 3), 2.0, np.float32), _QB: np.array([[1.0], [2.0]], np.float32)}
+    s2 = {
+        _QA: np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32),
+        _QB: np.array([[4.0, 0.0], [0.0, 4.0]], np.float32),
+    }
+    out = stack_aggregate(base, [s1, s2], [1.0, 3.0], [0, 1])
+    # A blocks as returned; B blocks times 1/4 and 3/4; component 3 keeps base's A and zero B.
+    assert out[_QA][0].tolist() == [2.0, 2.0, 2.0]
+    assert out[_QA][1:3].tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    assert out[_QA][3].tolist() == [4.0, 4.0, 4.0]
+    assert out[_QB].tolist() == [[0.25, 3.0, 0.0, 0.0], [0.5, 0.0, 3.0, 0.0]]
+    # The global product is exactly 1/4 B1 A1 + 3/4 B2 A2.
+    want = 0.25 * s1[_QB] @ s1[_QA] + 0.75 * s2[_QB] @ s2[_QA]
+    assert np.allclose(out[_QB] @ out[_QA], want)
+    same, error = merge_updates("stack", [s1, s2], [1.0, 3.0], 4, True, base=base, offsets=[0, 1])
+    assert error is None and all(np.array_equal(same[k], out[k]) for k in out)
+    with pytest.raises(ValueError, match="one offset per state"):
+        merge_updates("stack", [s1, s2], [1.0, 3.0], 4, True, base=base, offsets=[0])
+
+
+def test_a_stack_share_is_a_fresh_block_and_the_rest_is_frozen() -> None:
+    g = _global(4, 2)
+    share, rest = stack_share(g, ["q_proj"], 1, offset=2, used=2)
+    # To train: component 2 (A row 3, B zero); frozen: components 0 and 1.
+    assert share[_QA].tolist() == [[3.0, 3.0, 3.0]] and not share[_QB].any()
+    assert rest[_QA].tolist() == [[1.0] * 3, [2.0] * 3] and rest[_QB].tolist() == [[1, 2]] * 2
+    # Evaluating (offset 0, rank 1): component 0 as the share, component 1 frozen: together the
+    # whole global product.
+    share, rest = stack_share(g, ["q_proj"], 1, offset=0, used=2)
+    whole = share[_QB] @ share[_QA] + rest[_QB] @ rest[_QA]
+    assert np.allclose(whole, g[_QB] @ g[_QA])
+    assert stack_share(g, ["k_proj"], 1, 0, 2) == ({}, {})  # a module it does not train
+
+
+def test_a_full_stack_is_refactorised_to_make_room() -> None:
+    g = _global(4, 3)  # B columns 1, 2, 3 on A rows 1, 2, 3 (each entry j+1): product rank 1
+    kept, error = stack_room(g, need=1, rank=4)  # 3 used + 1 fits: nothing moves
+    assert error == 0.0 and np.array_equal(kept[_QB], g[_QB])
+    fill = {_QA: np.eye(4, 3, dtype=np.float32)}
+    roomy, error = stack_room(g, need=3, rank=4, fill=fill)  # room for 3: keep 1 component
+    # The product (columns (1 + 4 + 9) = 14 times ones) has rank 1: nothing lost, one used.
+    assert error == pytest.approx(0.0, abs=1e-4) and stack_used(roomy) == 1
+    assert np.allclose(roomy[_QB] @ roomy[_QA], g[_QB] @ g[_QA], atol=1e-4)
+    assert roomy[_QA][1:].tolist() == fill[_QA][1:].tolist()  # free again: fresh rows
+    with pytest.raises(ValueError, match="exceed the global rank"):
+        stack_room(g, need=5, rank=4)

@@ -175,3 +175,32 @@ def test_default_run_record_keeps_rounds_test_and_summary(tmp_path) -> None:
     assert [r["plugin_ppl"] for r in out["rounds"]] == [120.0, 90.0]
     assert out["rounds"][1]["bytes_down"] == 7 and out["rounds"][0]["bytes_down"] is None
     assert "task" not in out["rounds"][0]
+
+
+def test_aggregation_interval_and_table_by_hand() -> None:
+    from bench.aggregation import interval, markdown, summarise
+
+    # Mean 2, sample std 1, t(0.975, 2) = 4.303: 2 +- 4.303 / sqrt(3) = 2 +- 2.4843.
+    mean, lo, hi = interval([1.0, 2.0, 3.0])
+    assert (mean, lo, hi) == pytest.approx((2.0, 2.0 - 2.48434, 2.0 + 2.48434), abs=1e-4)
+    assert interval([5.0])[0] == 5.0
+
+    def run(test: float) -> dict:
+        dev = {"status": "ok"}
+        rows = [{}, {"truncation_error": 0.5, "devices": [dev, dev]}]
+        summary = {
+            "test_plugin_ppl": test,
+            "test_plugin_ppl_ci": [test - 1, test + 1],
+            "final_plugin_ppl": test + 3,
+            "bytes_total": 2e6,
+            "test_base_ppl": 100.0,
+        }
+        return {"summary": summary, "rows": rows}
+
+    rules = summarise({"exact": {1: run(50.0), 2: run(52.0)}, "stack": {1: run(55.0)}})
+    assert rules["exact"]["test_ppl"]["mean"] == 51.0
+    assert rules["exact"]["seeds"][1]["trained"] == 2
+    assert rules["exact"]["seeds"][2]["mb_sent"] == 2.0
+    text = markdown({"machine": "m", "seeds": [1, 2], "rules": rules})
+    assert "| exact | 51.00 [" in text and "50.00 [49.00, 51.00]; 52.00" in text
+    assert "exact - stack: -4.00 test ppl" in text

@@ -76,7 +76,8 @@ def test_override_string_is_shell_split() -> None:
         ("train.lr=-1", "train.lr=-1.0 is out of range"),
         (
             "strategy.aggregation=median",
-            "strategy.aggregation='median' is not allowed; expected one of ['fedavg', 'exact']",
+            "strategy.aggregation='median' is not allowed; expected one of ['fedavg', 'exact', "
+            "'stack']",
         ),
         ("partition.by=act", "partition.by='act' is not allowed"),
         ("data=jsonl", "data.path"),
@@ -117,6 +118,15 @@ def test_override_string_is_shell_split() -> None:
         ("eval.metrics=[bleu]", "need prompt/response data to generate from"),
         ("experiment=e2e eval.metrics=[meteor]", "eval.metrics[0]='meteor' is not allowed"),
         ("devices.server_gflops=0", "devices.server_gflops=0.0 is out of range"),
+        ("devices.profiles=[{disk_mb:-1}]", "devices.profiles[0].disk_mb=-1.0 is out of range"),
+        ("devices.profiles=[{link_bps:-1}]", "devices.profiles[0].link_bps=-1.0 is out of range"),
+        ("devices.measure_links=yes", "devices.measure_links='yes' is not allowed"),
+        ("strategy.aggregation=stack", "strategy.aggregation=stack needs planner.enabled=true"),
+        (
+            "experiment=fedpipe strategy.aggregation=stack",
+            "strategy.aggregation=stack needs strategy.server_train=false",
+        ),
+        ("privacy=server_dp strategy.aggregation=stack", "needs strategy.aggregation=fedavg"),
     ],
 )
 def test_bad_values_name_the_field(override: str, needle: str) -> None:

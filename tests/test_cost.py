@@ -98,10 +98,10 @@ def test_a_round_without_devices_costs_the_servers_time() -> None:
     w = Weights(1.0, 0.01, 0.5, 2.0, 1.0, 0.25)
     level = Level(0.5, 0.5, 1e6, 1_000_000, 100.0)
     prof = DeviceProfile(memory_mb=1000, gflops=1.0)
-    out = price_round([0], [prof], [level], np.ones(1), [0], [0], 0, w, 0.0, 0.0, server_s=7.0)
+    out = price_round([0], [prof], [level], np.ones(1), [[]], [0], 0, w, 0.0, 0.0, server_s=7.0)
     assert out.trained == [] and out.latency_s == pytest.approx(7.0)
     # With a device: its compute (1000 tokens * 4 * 1e6 / 1e9 = 4 s) plus the download, then 7 s.
-    out = price_round([1], [prof], [level], np.ones(1), [1], [0], 0, w, 0.0, 1000.0, server_s=7.0)
+    out = price_round([1], [prof], [level], np.ones(1), [[1]], [0], 0, w, 0.0, 1000.0, server_s=7.0)
     assert out.latency_s == pytest.approx(4.0 + 7.0)
 
 
@@ -115,17 +115,19 @@ def test_each_device_is_priced_by_its_own_plan() -> None:
     # Both hold the level already. Tokens 1000 and 2000: 4 s and 8 s of compute (4 * 1e6 / 1e9
     # per token); no adapter bytes, so no transmission.
     out = price_round(
-        [1, 1], [prof, prof], [level], np.ones(2), [1, 1], [0, 0], 0, w, [0.0, 0.0], [1e3, 2e3]
+        [1, 1], [prof, prof], [level], np.ones(2), [[1], [1]], [0, 0], 0, w, [0.0, 0.0], [1e3, 2e3]
     )
     assert out.device_latency_s == {0: pytest.approx(4.0), 1: pytest.approx(8.0)}
     assert out.latency_s == pytest.approx(8.0)
     # 1e5 adapter bytes each way for the second device only: 2 * 8e5 bits at the profile's rate.
     rate = rate_bps(prof.bandwidth_mhz * 1e6, prof.power_dbm, prof.distance_m, 1.0)
     out = price_round(
-        [1, 1], [prof, prof], [level], np.ones(2), [1, 1], [0, 0], 0, w, [0.0, 1e5], [1e3, 1e3]
+        [1, 1], [prof, prof], [level], np.ones(2), [[1], [1]], [0, 0], 0, w, [0.0, 1e5], [1e3, 1e3]
     )
     assert out.device_latency_s[0] == pytest.approx(4.0)
     assert out.device_latency_s[1] == pytest.approx(4.0 + 1.6e6 / rate)
     # One figure for every device is the same as repeating it.
-    same = price_round([1, 1], [prof, prof], [level], np.ones(2), [1, 1], [0, 0], 0, w, 1e5, 1e3)
+    same = price_round(
+        [1, 1], [prof, prof], [level], np.ones(2), [[1], [1]], [0, 0], 0, w, 1e5, 1e3
+    )
     assert same.device_latency_s[1] == out.device_latency_s[1]

@@ -6,7 +6,13 @@ from fedpeat.config import DeviceProfile
 from strategies.fleet import profile_of
 
 SIM = DeviceProfile(
-    name="phone", memory_mb=900, gflops=40, bandwidth_mhz=2, power_dbm=23, distance_m=80
+    name="phone",
+    memory_mb=900,
+    gflops=40,
+    bandwidth_mhz=2,
+    power_dbm=23,
+    distance_m=80,
+    disk_mb=300,
 )
 
 
@@ -14,11 +20,19 @@ def test_simulated_node_takes_budget_and_link_from_the_devices_profile() -> None
     # Detection sees the shared host, not a simulated device: the devices= profile decides.
     prof, assumed = profile_of({"detected-memory-mb": 20000.0, "bf16": False}, SIM)
     assert prof.memory_mb == 900 and prof.gflops == 40 and prof.distance_m == 80
-    assert assumed == ["memory_mb", "gflops", "bandwidth_mhz", "power_dbm", "distance_m"]
-    # A node config budget and figures win over the devices= profile.
-    prof, assumed = profile_of({"memory-mb": 500.0, "distance-m": 30.0}, SIM)
-    assert (prof.memory_mb, prof.distance_m, prof.gflops) == (500, 30, 40)
-    assert "memory_mb" not in assumed and "distance_m" not in assumed
+    assert prof.disk_mb == 300
+    assert assumed == [
+        "memory_mb",
+        "gflops",
+        "bandwidth_mhz",
+        "power_dbm",
+        "distance_m",
+        "disk_mb",
+    ]
+    # A node config budget and figures win over the devices= profile (disk 0: one emulator).
+    prof, assumed = profile_of({"memory-mb": 500.0, "distance-m": 30.0, "disk-mb": 0.0}, SIM)
+    assert (prof.memory_mb, prof.distance_m, prof.gflops, prof.disk_mb) == (500, 30, 40, 0)
+    assert not {"memory_mb", "distance_m", "disk_mb"} & set(assumed)
 
 
 def test_deployed_node_budget_is_its_detection_capped_by_its_config() -> None:
@@ -39,9 +53,11 @@ def test_deployed_node_budget_is_its_detection_capped_by_its_config() -> None:
             "bandwidth-mhz": 0.5,
             "power-dbm": 10.0,
             "distance-m": 300.0,
+            "disk-mb": 200.0,
             "profile": "sensor",
         },
         SIM,
         from_nodes=True,
     )
     assert assumed == [] and prof.name == "sensor" and prof.bandwidth_mhz == 0.5
+    assert prof.disk_mb == 200

@@ -432,6 +432,37 @@ def test_planned_run_gives_devices_different_plans(
     assert all(int(m.split(".")[1]) in region for m in importance["chosen"])
 
 
+def test_stacking_keeps_every_devices_block(tmp_path, monkeypatch, server_identity) -> None:
+    """FLoRA-style stacking in a planned run: each device trains a fresh block (zero B) on top
+    of the stack so far (frozen), and the global adapter ends holding one block per update."""
+    from fedpeat.protocol import RESIDUAL_KEY
+    from strategies.aggregation import stack_used
+
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices"))
+    cfg = _planner_cfg(
+        TIERS,
+        "strategy.aggregation=stack",
+        "strategy.server_train=false",
+        "planner.server_rank=64",
+        "planner.ranks=[2,4,8]",
+    )
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    grid = InProcessGrid(4)
+    _run(grid, cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    trained = [d for row in rows[1:] for d in row["devices"] if d["status"] == "ok"]
+    assert len(trained) == 6  # three devices (the watch fits nothing) in each of two rounds
+    train_msgs = [m for m in grid.sent if m.metadata.message_type == "train"]
+    assert all(not b.any() for m in train_msgs for k, b in adapter_of(m).items() if "lora_B" in k)
+    round2 = [m for m in train_msgs if '"server_round": 2' in str(m.content.config_records)]
+    assert len(round2) == 3 and all(RESIDUAL_KEY in m.content.array_records for m in round2)
+    # One block of each update's rank, none overwritten: the stack fills their sum.
+    assert stack_used(final_state(run_dir)) == sum(d["rank"] for d in trained)
+    assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+    assert (run_dir / "adapter" / "adapter_config.json").is_file()
+
+
 def _check_residuals(grid: InProcessGrid, aggregation: str) -> None:
     """exact: a device below the server rank also gets the rest of the global adapter, and
     share + rest is the global product of every module it trains; fedavg sends no rest."""

@@ -67,6 +67,7 @@ class Config:
         self.planner.check()
         self.controller.check(self.emulator.levels)
         self._check_privacy()
+        self._check_stack()
         self._check_adapt()
         self._check_controller()
         check_range("rounds", self.rounds, 1)
@@ -99,6 +100,22 @@ class Config:
             )
         if self.strategy.name == "fed_ft":
             raise ConfigError("privacy.enabled is for adapter updates, not strategy.name=fed_ft")
+
+    def _check_stack(self) -> None:
+        if self.strategy.aggregation != "stack":
+            return
+        # Stacking places each device's block of its planned rank; the server's own update is
+        # a change of the whole global adapter, not a block, so it has no place in the stack.
+        if not self.planner.enabled:
+            raise ConfigError(
+                "strategy.aggregation=stack needs planner.enabled=true (per-device ranks and "
+                "modules to stack); use experiment=fedpipe or planner=fedpipe"
+            )
+        if self.strategy.server_train:
+            raise ConfigError(
+                "strategy.aggregation=stack needs strategy.server_train=false: the server's "
+                "update changes the whole global adapter and cannot be stacked as a block"
+            )
 
     def _check_adapt(self) -> None:
         if self.emulator.case == 3 or self.emulator.adapt == "region":

@@ -15,7 +15,7 @@ from fedpeat.config.checks import ConfigError, check_choice, check_range
 MODEL_SOURCES = ("gguf", "tiny", "hf")
 DATA_SOURCES = ("shakespeare", "jsonl", "hf")
 PARTITIONERS = ("natural", "iid", "dirichlet")
-AGGREGATIONS = ("fedavg", "exact")
+AGGREGATIONS = ("fedavg", "exact", "stack")
 BITS = (4, 8, 16, 32)
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 EMULATOR_CASES = (1, 2, 3)
@@ -396,10 +396,18 @@ class DeviceProfile:
     """Distance to the base station (path loss 128.1 + 37.6 log10(d_km) dB)."""
     bf16: bool = False
     """Native bfloat16 compute; nodes report their own (simulated devices: the host's)."""
+    disk_mb: float = 0.0
+    """Disk the device gives to emulators it has received: it keeps the most recently used ones
+    that fit (`fedpeat.cost.cache_keep`), always the one in use; 0: only the one in use."""
+    link_bps: float = 0.0
+    """The link's measured effective throughput in bit/s (deployment: the server times each
+    node's exchanges, `strategies.links`); 0: the Shannon rate of the link figures above."""
 
     def check(self, name: str) -> None:
         """`name`: where this profile sits, e.g. `devices.profiles[0]`."""
         check_range(f"{name}.memory_mb", self.memory_mb, 0.0, lo_open=True)
+        check_range(f"{name}.disk_mb", self.disk_mb, 0.0)
+        check_range(f"{name}.link_bps", self.link_bps, 0.0)
         for field_name in ("gflops", "bandwidth_mhz", "distance_m"):
             check_range(f"{name}.{field_name}", getattr(self, field_name), 0.0, lo_open=True)
 
@@ -416,10 +424,19 @@ class DevicesConfig:
     """Deployment: a node's budget is the memory it detects (capped by its node config
     memory-mb); `profiles` only fill link figures a node does not report, recorded as assumed.
     False (simulation): a node's detection is the shared host's, so `profiles` give the budget."""
+    measure_links: str = "auto"
+    """`on`: the server times each node's train exchanges and prices its link by the measured
+    throughput once it has one (`strategies.links`); `off`: the link figures alone; `auto`: on
+    in deployment (`from_nodes`), off in simulation, where an exchange is a wait for a worker."""
+
+    @property
+    def measuring(self) -> bool:
+        return self.measure_links == "on" or (self.measure_links == "auto" and self.from_nodes)
 
     def check(self) -> None:
         if not self.profiles:
             raise ConfigError("devices.profiles is empty; give at least one device profile")
+        check_choice("devices.measure_links", self.measure_links, ("auto", "on", "off"))
         check_range("devices.server_gflops", self.server_gflops, 0.0, lo_open=True)
         for i, prof in enumerate(self.profiles):
             prof.check(f"devices.profiles[{i}]")
@@ -435,7 +452,10 @@ class StrategyConfig:
     aggregation: str = "fedavg"
     """`fedavg`: example-weighted average of every adapter tensor (FlowerTune's baseline);
     `exact`: per module the weighted mean of the updates B_i A_i, re-factorised by truncated SVD
-    to the adapter rank (FlexLoRA); modules a device did not train do not dilute it."""
+    to the adapter rank (FlexLoRA); modules a device did not train do not dilute it. `stack`
+    (with the planner): FLoRA's stacking, each device's block of its rank written into free
+    components of the global adapter (B scaled by its weight), so the sum of the devices'
+    products is kept exactly; the stack is re-factorised only when it fills the global rank."""
     residual: bool = True
     """aggregation=exact with FedPipe ranks: each device also receives, frozen, the part of the
     global adapter beyond its own rank, so it trains at the global model instead of its

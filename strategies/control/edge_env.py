@@ -109,8 +109,8 @@ class Situation:
     """(K,) training memory per level."""
     fidelity: np.ndarray
     """(K,) per level."""
-    holding: list[int]
-    """(N,) 0 none, else level index + 1."""
+    holding: list[list[int]]
+    """(N,) the options (level index + 1) each device holds, oldest use first."""
     swap_counts: list[int]
     data_share: np.ndarray
     """(N,) sums to 1."""
@@ -131,13 +131,15 @@ class Situation:
     def features(self) -> Obs:
         """The observation (`Obs`), every feature on a fixed scale."""
         n, k = len(self.memory_mb), len(self.need_mb)
-        holding = np.asarray(self.holding)
+        held = np.zeros((n, k + 1))
+        for i, options in enumerate(self.holding):
+            held[i, options] = 1.0
         device = np.stack(
             [
                 (self.gain_db + 100.0) / 20.0,  # ~[-1, 1] over 60..140 dB loss
                 self.data_share * n,  # 1: an equal share, whatever the fleet's size
                 np.asarray(self.swap_counts, dtype=np.float64) / ROUND_SCALE,
-                (holding > 0).astype(np.float64),
+                held.max(axis=1),
             ],
             axis=1,
         )
@@ -148,7 +150,7 @@ class Situation:
         option[:, 1:, 2] = self.headroom()
         option[:, 1:, 3] = self.need_mb[None, :] / MB_SCALE
         option[:, 1:, 4] = self.wire_mb[None, :] / MB_SCALE
-        option[np.arange(n), holding, 5] = (holding > 0).astype(np.float64)
+        option[:, :, 5] = held
         option[:, 1:, 6] = np.log10(1.0 + self.option_s) / 3.0  # 1 at about 17 minutes
         left = max(self.rounds - self.round_index, 0)
         glob = np.array(
@@ -164,7 +166,7 @@ def option_seconds(
     profiles: Sequence[DeviceProfile],
     levels: Sequence[Level],
     fading: np.ndarray,
-    holding: Sequence[int],
+    holding: Sequence[Sequence[int]],
     adapter_bytes: float,
     tokens: float,
 ) -> np.ndarray:
@@ -174,7 +176,7 @@ def option_seconds(
     return np.array(
         [
             [
-                device_latency_s(p, float(f), lv, h != k + 1, adapter_bytes, tokens)
+                device_latency_s(p, float(f), lv, k + 1 not in h, adapter_bytes, tokens)
                 for k, lv in enumerate(levels)
             ]
             for p, f, h in zip(profiles, fading, holding, strict=True)
@@ -256,7 +258,7 @@ class EdgeEnv(gym.Env[Obs, np.ndarray]):
             memory_mb=np.array([p.memory_mb for p in self.profiles], dtype=np.float64),
             need_mb=np.array([lv.need_mb for lv in self.levels]),
             fidelity=np.array([lv.fidelity for lv in self.levels]),
-            holding=[0] * self.n,
+            holding=[[] for _ in range(self.n)],
             swap_counts=[0] * self.n,
             data_share=shares,
             round_index=0,
@@ -332,7 +334,8 @@ def random_env(cfg: Config, rng: np.random.Generator, max_devices: int = 32) -> 
     """One pre-training episode's system, drawn so that one policy learns every fleet: 2 to
     `max_devices` devices (log-uniform), each a config profile with memory x U(0.6, 1.5),
     compute, bandwidth and distance x U(0.5, 2) and power +- 3 dB; a random non-empty subset of
-    the retention curve's levels, fidelities x U(0.9, 1.1) (at most 1); progress rate
+    the retention curve's levels, fidelities x U(0.9, 1.1) (at most 1), emulator disk x U(0, 2);
+    progress rate
     x U(0.5, 1.5); data shares from Dirichlet(`data_alpha`); 3 to `episode_rounds` rounds."""
     c = cfg.controller
     n = round(float(np.exp(rng.uniform(np.log(2), np.log(max_devices)))))
@@ -349,6 +352,7 @@ def random_env(cfg: Config, rng: np.random.Generator, max_devices: int = 32) -> 
                 bandwidth_mhz=p.bandwidth_mhz * rng.uniform(0.5, 2.0),
                 distance_m=p.distance_m * rng.uniform(0.5, 2.0),
                 power_dbm=p.power_dbm + rng.uniform(-3.0, 3.0),
+                disk_mb=p.disk_mb * rng.uniform(0.0, 2.0),
             )
         )
     keeps = sorted({pt.keep for pt in c.curve if pt.keep < 1.0}, reverse=True)

@@ -11,7 +11,7 @@ same way, so every run reports modelled latency and time to target.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,29 +92,32 @@ class OnlineControl:
             )
         self._draw()
 
+    def measured(self, links: Mapping[int, float]) -> None:
+        """Node -> measured link throughput (bit/s; 0: none yet): the cost model and the
+        policy's per-option seconds use it from the next round on."""
+        self.profiles = [
+            replace(p, link_bps=links.get(n, 0.0) or p.link_bps)
+            for n, p in zip(self.nodes, self.profiles, strict=True)
+        ]
+
     def _draw(self) -> None:
         self.fading = self.rng.exponential(1.0, len(self.nodes))
 
-    def holding(self, holdings: Mapping[int, set[str]], digests: Mapping[float, str]) -> list[int]:
-        """Per device: 0, or the option (level index + 1) of the emulator it holds."""
-        out = []
-        for n in self.nodes:
-            held = holdings.get(n, set())
-            out.append(
-                next(
-                    (k + 1 for k, lv in enumerate(self.levels) if digests.get(lv.keep) in held),
-                    0,
-                )
-            )
-        return out
+    def holding(
+        self, holdings: Mapping[int, set[str]], digests: Mapping[float, str]
+    ) -> list[list[int]]:
+        """Per device: the options (level index + 1) of the emulators it holds. The device's
+        reply says what it keeps after each round, so their order of use does not matter here."""
+        keys = [digests.get(lv.keep) for lv in self.levels]
+        return [[k + 1 for k, d in enumerate(keys) if d in holdings.get(n, ())] for n in self.nodes]
 
-    def situation(self, holding: list[int]) -> Situation:
+    def situation(self, holding: list[list[int]]) -> Situation:
         return Situation(
             gain_db=gains_db(self.profiles, self.fading),
             memory_mb=np.array([p.memory_mb for p in self.profiles], dtype=np.float64),
             need_mb=np.array([lv.need_mb for lv in self.levels]),
             fidelity=np.array([lv.fidelity for lv in self.levels]),
-            holding=list(holding),
+            holding=[list(h) for h in holding],
             swap_counts=list(self.swap_counts),
             data_share=self.shares,
             round_index=self.round_index,
@@ -128,7 +131,7 @@ class OnlineControl:
 
     # ------------------------------------------------------------------ round
 
-    def act(self, holding: list[int]) -> dict[int, int] | None:
+    def act(self, holding: list[list[int]]) -> dict[int, int] | None:
         """Node -> option (0 skip, k level k-1); None when no controller (emulator.case)."""
         if self.controller is None:
             return None
@@ -138,7 +141,7 @@ class OnlineControl:
     def price(
         self,
         options: Mapping[int, int],
-        holding: list[int],
+        holding: list[list[int]],
         violations: int = 0,
         work: Mapping[int, tuple[float, float]] | None = None,
     ) -> Transition:
@@ -156,7 +159,7 @@ class OnlineControl:
             self.profiles,
             self.levels,
             self.fading,
-            list(holding),
+            [list(h) for h in holding],
             self.swap_counts,  # updated in place: the devices' swap history
             self.round_index,
             self.weights,
@@ -173,7 +176,7 @@ class OnlineControl:
     def price_sent(
         self,
         levels_sent: Mapping[int, float],
-        holding: list[int],
+        holding: list[list[int]],
         violations: int = 0,
         full_model: bool = False,
         work: Mapping[int, tuple[float, float]] | None = None,
@@ -184,7 +187,7 @@ class OnlineControl:
         keeps = [lv.keep for lv in self.levels]
         sent = {n: keeps.index(lv) + 1 for n, lv in levels_sent.items() if lv in keeps}
         if full_model:
-            holding = [sent.get(n, 0) for n in self.nodes]
+            holding = [[sent[n]] if n in sent else [] for n in self.nodes]
         return self.price(sent, holding, violations, work)
 
     @property
@@ -193,7 +196,7 @@ class OnlineControl:
         return float(t.local_steps * t.batch_size * self.cfg.data.max_length)
 
     def feedback(
-        self, ppl: float, failed: int, holding: list[int] | None = None
+        self, ppl: float, failed: int, holding: list[list[int]] | None = None
     ) -> Transition | None:
         """The measured plug-in perplexity after the round (round 0: the base model's).
         `failed`: devices that were sent work but returned nothing usable (counted as
