@@ -213,6 +213,7 @@ class FedPEAT(Strategy):
             self.control.levels = priced_levels(self.cfg, self.server)
         self.control.start(known, fleet.device_profiles, {n: fleet.data_size(n) for n in known})
         options = self.control.act(self._holding())
+        stats.decided = self.control.decided
         assignments, plans, violations = plan_round(
             self.cfg,
             self.server,

@@ -123,6 +123,9 @@ class RoundStats:
     violations: int = 0
     """Devices chosen that could not hold their level, swaps beyond the share, failed devices."""
     reward: float | None = None
+    decided: str | None = None
+    """How the controller chose this round's action: `ppo-sampled` / `ppo-greedy`, or the rule's
+    name (`oort`, `greedy`, ...); None without a controller."""
     devices: dict[int, DeviceRound] = field(default_factory=dict)
     skipped: list[dict[str, Any]] = field(default_factory=list)
     rejected: list[dict[str, Any]] = field(default_factory=list)
@@ -186,6 +189,7 @@ class RoundStats:
             "swaps": self.swaps,
             "violations": self.violations,
             "reward": self.reward,
+            "decided": self.decided,
             "client_train_s_max": max(
                 (d.train_s for d in self.devices.values() if d.train_s is not None), default=None
             ),

@@ -140,3 +140,17 @@ def test_the_shipped_policy_is_the_default_configs() -> None:
     assert ckpt["seed"] == cfg.seed
     assert ckpt["devices"] == [asdict(p) for p in cfg.devices.profiles]
     assert SHIPPED.stat().st_size < 1_000_000
+
+
+def test_the_round_records_whether_the_policy_sampled_or_acted_greedily() -> None:
+    from strategies.control.online import OnlineControl
+
+    cfg = compose("controller=ppo controller.ppo.checkpoint='' controller.ppo.explore_rounds=1")
+    control = OnlineControl(cfg, None, 1e5, False)
+    nodes = list(range(6))
+    control.start(nodes, dict(enumerate(cfg.devices.profiles)), dict.fromkeys(nodes, 1))
+    assert control.decided is None
+    control.act([[] for _ in nodes])
+    assert control.decided == "ppo-sampled"
+    control.act([[] for _ in nodes])
+    assert control.decided == "ppo-greedy"

@@ -312,6 +312,7 @@ def test_controllers_choose_devices_and_price_the_rounds(
         assert len(row["action"]) == 2 and len(chosen) == 1 and row["num_clients"] == 1
         assert row["latency_s"] > 0 and np.isfinite(row["reward"])
         assert any(s["reason"] == "greedy: not chosen this round" for s in row["skipped"])
+        assert row["decided"] == "greedy"
     summary = json.loads((run_dir / "summary.json").read_text())
     # the target is met at round 0 already (1e9): no modelled time spent
     assert summary["time_to_target_s"] == 0.0 and summary["controller"] == "greedy"
@@ -338,6 +339,7 @@ def test_controllers_choose_devices_and_price_the_rounds(
     assert all(np.isfinite(r["reward"]) for r in rows[1:])
     state = torch.load(run_dir / "controller.pt", weights_only=False)
     assert state["controller"]["updates"] == 2 and state["round"] == 2
+    assert [r["decided"] for r in rows] == [None, "ppo-sampled", "ppo-sampled"]
 
 
 def test_fed_ft_trains_and_sends_every_weight(tmp_path, server_identity, device_disks) -> None:

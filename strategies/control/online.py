@@ -57,6 +57,10 @@ class OnlineControl:
         self.rng = np.random.default_rng(cfg.seed + 7919)  # fading draws, apart from sampling
         self.nodes: list[int] = []
         self.profiles: list[DeviceProfile] = []
+        self.decided: str | None = None
+        """How this round's action was chosen: `ppo-sampled` or `ppo-greedy` (the policy
+        explores, or acts on its most probable options), else the rule's name; None without a
+        controller."""
         self.shares = np.zeros(0)
         self.swap_counts: list[int] = []
         self.controller: Controller | None = None
@@ -135,6 +139,10 @@ class OnlineControl:
         """Node -> option (0 skip, k level k-1); None when no controller (emulator.case)."""
         if self.controller is None:
             return None
+        # Before acting: the round that ends the exploration schedule still samples.
+        exploring = getattr(self.controller, "exploring", None)
+        mode = "ppo-sampled" if exploring else "ppo-greedy"
+        self.decided = self.controller.name if exploring is None else mode
         action = self.controller.act(self.situation(holding))
         return dict(zip(self.nodes, action, strict=True))
 
