@@ -53,7 +53,9 @@ class Spec:
 
 
 def plan_runs(seeds: list[int], base: str = "") -> list[Spec]:
-    """Every run, `base` overrides first (a smaller model for a quick check)."""
+    """Every run, `base` overrides first (a smaller model for a quick check). These tables
+    compare the controllers without the planner (each device trains the global adapter)."""
+    base = f"{base} planner=none".strip()
     out = [
         Spec(f"{c}-{s}", c, f"{base} controller={c} seed={s}", s, c == RAY_RUN and s == seeds[0])
         for s in seeds
@@ -64,7 +66,8 @@ def plan_runs(seeds: list[int], base: str = "") -> list[Spec]:
         for s in seeds
     ]
     first = seeds[0]
-    out.append(Spec(f"case3-{first}", "case3", f"{base} emulator.case=3 seed={first}", first))
+    case3 = f"{base} emulator.case=3 controller=none seed={first}"
+    out.append(Spec(f"case3-{first}", "case3", case3, first))
     return out
 
 

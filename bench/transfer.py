@@ -44,7 +44,9 @@ from bench.federated import RUNS_DIR, Spec, execute
 
 E2E = Path("../shared/data/e2e/dev.jsonl")
 DEVICES = 6
-COMMON = "strategy.server_train=false eval.every=100"
+# The plain system (no planner, no controller: every device on the highest level that fits),
+# so that the rows differ only in what they name; the default experiment plans and controls.
+COMMON = "strategy.server_train=false eval.every=100 planner=none controller=none"
 DATA = {"e2e": "experiment=e2e eval.test_samples=200", "shakespeare": "eval.test_samples=240"}
 # At E2E's 96-token rows the watch and the sensor of the default devices fit no emulator and
 # would sit out, while case 3 and the region row (the full model, no memory check) train all six:

@@ -80,6 +80,33 @@ def infeasible_reason(options: Sequence[Option], budget_mb: float, deadline_s: f
     return ""
 
 
+def fleet_limits(
+    options: Mapping[int, Sequence[Option]],
+    budgets_mb: Mapping[int, float],
+    upload_share: float,
+    straggler_deadline: bool,
+) -> tuple[float, float]:
+    """The round's (deadline s, upload MB) derived from the fleet, so the program is a joint one
+    without hand-set numbers (0: that limit is off).
+
+    Deadline: the slowest device's fastest plan within its memory, max_i min_o t_io: every
+    device that fits can still take part, but none may run past what the straggler needs at
+    its leanest (a faster device's slow, rich plans are cut first). Upload: `upload_share` of
+    what every device would send at its largest plan, sum_i max_o u_io: the devices compete for
+    the server's ingress, so ranks are traded between them by value."""
+    fitting = {
+        node: [o for o in menu if o.memory_mb <= budgets_mb[node]] for node, menu in options.items()
+    }
+    fitting = {node: menu for node, menu in fitting.items() if menu}
+    if not fitting:
+        return 0.0, 0.0
+    deadline = (
+        max(min(o.time_s for o in m) for m in fitting.values()) if straggler_deadline else 0.0
+    )
+    upload = upload_share * sum(max(o.upload_mb for o in m) for m in fitting.values())
+    return deadline, upload
+
+
 def allocate(
     options: Mapping[int, Sequence[Option]],
     budgets_mb: Mapping[int, float],

@@ -334,7 +334,8 @@ class FedPEAT(Strategy):
         )
         for msg in replies:
             self.fleet.note_holdings(msg, self._plans.get(msg.metadata.src_node_id))
-        if links := self.links.record(replies, stats.devices, self.fleet.device_profiles):
+        if self.links.on:  # measured links: time each exchange, price the node by it
+            links = self.links.record(replies, stats.devices, self.fleet.device_profiles)
             self.control.measured(links)
         for node, reason, status in refused:
             self._reject(stats, node, reason, status)

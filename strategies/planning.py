@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from flwr.app import RecordDict
 
-from fedpeat.allocation import Allocation, Option, allocate, option_value
+from fedpeat.allocation import Allocation, Option, allocate, fleet_limits, option_value
 from fedpeat.config import Config, DeviceProfile
 from fedpeat.cost import Level, MiB, compute_s, rate_bps, transmission_s
 from fedpeat.protocol import ADAPTER_KEY, RESIDUAL_KEY, EmulatorRef, Plan
@@ -269,8 +269,10 @@ def plan_devices(
         for node, level in levels.items()
     }
     budgets = {node: profiles[node].memory_mb for node in levels}
+    pl = cfg.planner
+    deadline, upload = fleet_limits(menus, budgets, pl.upload_share, pl.straggler_deadline)
     allocations: dict[int, Allocation] = allocate(
-        menus, budgets, cfg.planner.deadline_s, cfg.planner.upload_mb
+        menus, budgets, pl.deadline_s or deadline, pl.upload_mb or upload
     )
     out: dict[int, DevicePlan | str] = {}
     for node, alloc in allocations.items():

@@ -60,3 +60,26 @@ def test_memory_and_deadline_that_only_fail_together_are_named() -> None:
         "no plan fits the memory budget and the deadline together"
     )
     assert infeasible_reason(menu, 1000.0, 0.0) == ""
+
+
+def test_limits_derived_from_the_fleet_by_hand() -> None:
+    from fedpeat.allocation import fleet_limits
+
+    menus = {
+        # fast device: plans of 2 s (1 MB up) and 9 s (4 MB up); a 30 s plan it cannot hold
+        1: [opt(1, time=2, up=1), opt(5, time=9, up=4), opt(9, memory=500, time=30, up=8)],
+        # straggler: its fastest plan takes 6 s, its richest 12 s (3 MB up)
+        2: [opt(1, time=6, up=1), opt(3, time=12, up=3)],
+        3: [opt(1, memory=500)],  # holds nothing: not counted
+    }
+    budgets = {1: 100.0, 2: 100.0, 3: 100.0}
+    # Deadline: the slowest device's fastest plan, max(2, 6) = 6 s. Upload: half of the largest
+    # plans that fit, 0.5 * (4 + 3) = 3.5 MB.
+    assert fleet_limits(menus, budgets, 0.5, True) == (6.0, 3.5)
+    assert fleet_limits(menus, budgets, 0.0, False) == (0.0, 0.0)
+    assert fleet_limits({3: menus[3]}, budgets, 0.5, True) == (0.0, 0.0)
+    # Under those limits the program is joint: the fast device's 9 s plan is out (deadline), the
+    # straggler keeps its 6 s one, and the fast one's 2 s plan fits the 3.5 MB beside it.
+    deadline, upload = fleet_limits(menus, budgets, 0.5, True)
+    out = allocate(menus, budgets, deadline, upload)
+    assert out[1].option == menus[1][0] and out[2].option == menus[2][0]

@@ -15,6 +15,12 @@ REQUIRED = {
     ("data", "jsonl"): ["data.path=data.jsonl"],
     ("data", "hf"): ["data.path=some/dataset"],
     ("experiment", "gsm8k"): ["data.path=data.jsonl"],
+    # The default experiment's controller chooses emulators (case 1) and its planner gives each
+    # device a part of the adapter, which cases 2-3 and privacy do not take.
+    ("emulator", "none"): ["controller=none"],
+    ("emulator", "shared"): ["controller=none"],
+    ("privacy", "client_dp"): ["planner=none"],
+    ("privacy", "server_dp"): ["planner=none"],
 }
 
 
@@ -57,7 +63,14 @@ def test_default_composes_to_the_documented_default() -> None:
         "play",
     )
     assert cfg.rounds == 3 and cfg.strategy.aggregation == "fedavg"
-    assert not cfg.planner.enabled and cfg.export_merged
+    assert cfg.export_merged and cfg.experiment == "default"
+    # The whole system: the shipped policy, FedPipe planning with quantized emulators, a joint
+    # program (derived deadline and upload cap).
+    assert cfg.controller.name == "ppo" and cfg.controller.ppo.checkpoint
+    assert cfg.planner.enabled and min(cfg.planner.bits) == 4
+    assert cfg.planner.straggler_deadline and cfg.planner.upload_share > 0
+    plain = compose("experiment=tiny")
+    assert not plain.planner.enabled and plain.controller.name == "none"
 
 
 def test_override_string_is_shell_split() -> None:
@@ -114,14 +127,22 @@ def test_override_string_is_shell_split() -> None:
         ("emulator.layer_choice=random", "emulator.layer_choice='random' is not allowed"),
         ("emulator.adapt=all", "emulator.adapt='all' is not allowed"),
         ("emulator.adapt=held experiment=fedpipe", "emulator.adapt=held with planner.enabled"),
-        ("emulator.adapt=held privacy=server_dp", "emulator.adapt=held with privacy.enabled"),
+        (
+            "emulator.adapt=held privacy=server_dp planner=none",
+            "emulator.adapt=held with privacy.enabled",
+        ),
+        ("emulator=none", "controller=ppo chooses per-device emulators; it needs"),
+        ("privacy=server_dp", "privacy.enabled needs planner.enabled=false"),
         ("eval.metrics=[bleu]", "need prompt/response data to generate from"),
         ("experiment=e2e eval.metrics=[meteor]", "eval.metrics[0]='meteor' is not allowed"),
         ("devices.server_gflops=0", "devices.server_gflops=0.0 is out of range"),
         ("devices.profiles=[{disk_mb:-1}]", "devices.profiles[0].disk_mb=-1.0 is out of range"),
         ("devices.profiles=[{link_bps:-1}]", "devices.profiles[0].link_bps=-1.0 is out of range"),
         ("devices.measure_links=yes", "devices.measure_links='yes' is not allowed"),
-        ("strategy.aggregation=stack", "strategy.aggregation=stack needs planner.enabled=true"),
+        (
+            "strategy.aggregation=stack planner=none",
+            "strategy.aggregation=stack needs planner.enabled=true",
+        ),
         (
             "experiment=fedpipe strategy.aggregation=stack",
             "strategy.aggregation=stack needs strategy.server_train=false",
@@ -156,7 +177,7 @@ def test_conf_dir_is_inside_the_project() -> None:
 
 def test_case_three_may_send_the_full_model() -> None:
     # The refusal is for cases 1 and 2; case 3 has no emulator at all.
-    assert compose("emulator=none emulator.levels=[1.0]").emulator.case == 3
+    assert compose("emulator=none controller=none emulator.levels=[1.0]").emulator.case == 3
 
 
 def test_emulators_that_hold_more_than_half_are_refused_before_any_round() -> None:

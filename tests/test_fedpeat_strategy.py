@@ -91,5 +91,5 @@ def test_server_seconds_by_hand() -> None:
     # training 4 steps x 4 x 64 = 1,024 tokens at 4N; validation 48 x 64 tokens, twice (plug-in
     # and emulator gap), at 2N: (4 * 1024 + 2 * 6144) * 1e6 / 200e9 = 0.08192 s
     assert server_seconds(cfg, 1_000_000) == pytest.approx(0.08192)
-    off = compose("strategy.server_train=false emulator=none")
+    off = compose("strategy.server_train=false emulator=none controller=none")
     assert server_seconds(off, 1_000_000) == pytest.approx(2 * 3072 * 1e6 / 200e9)

@@ -101,6 +101,13 @@ def test_no_dropped_layer_ever_leaves_the_server(
 
     # Every byte that left the server is in metrics.jsonl, and every byte that came back.
     assert sum(content_bytes(m.content) for m in grid.sent) == sum(r["bytes_down"] for r in rows)
+    if cfg.experiment == "default":  # the whole system: the shipped policy and FedPipe plans
+        assert cfg.controller.name == "ppo" and cfg.planner.enabled
+        row = rows[1]
+        assert row["decided"] == "ppo-sampled" and len(row["action"]) == 6
+        trained = [d for d in row["devices"] if d["status"] == "ok"]
+        assert trained and all(d["rank"] and d["batch"] and d["modules"] for d in trained)
+        assert all(d["bits"] in cfg.planner.bits for d in trained)
     if not tiny:
         return
     # Round 1 sent each device its emulator; later rounds, same assignment, sent none.

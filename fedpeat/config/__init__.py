@@ -18,6 +18,8 @@ from fedpeat.config.control import (
     CONTROLLERS,
     ControllerConfig,
     CurvePoint,
+    DeviceProfile,
+    DevicesConfig,
     PlannerConfig,
     PPOConfig,
 )
@@ -29,8 +31,6 @@ from fedpeat.config.sections import (
     AdapterConfig,
     AlignConfig,
     DataConfig,
-    DeviceProfile,
-    DevicesConfig,
     DistillConfig,
     EmulatorConfig,
     EvalConfig,

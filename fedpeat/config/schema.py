@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fedpeat.config.checks import ConfigError, check_range
-from fedpeat.config.control import ControllerConfig, PlannerConfig
+from fedpeat.config.control import ControllerConfig, DevicesConfig, PlannerConfig
 from fedpeat.config.sections import (
     AdapterConfig,
     DataConfig,
-    DevicesConfig,
     EmulatorConfig,
     EvalConfig,
     ModelConfig,
@@ -96,7 +95,8 @@ class Config:
         if self.planner.enabled:
             raise ConfigError(
                 "privacy.enabled needs planner.enabled=false: devices must train the whole "
-                "global adapter for the update clipping to apply"
+                "global adapter for the update clipping to apply; add planner=none (the default "
+                "experiment plans)"
             )
         if self.strategy.name == "fed_ft":
             raise ConfigError("privacy.enabled is for adapter updates, not strategy.name=fed_ft")
@@ -138,7 +138,8 @@ class Config:
         if self.emulator.case != 1:
             raise ConfigError(
                 f"controller={name} chooses per-device emulators; it needs "
-                f"emulator.case=1, got {self.emulator.case}"
+                f"emulator.case=1, got {self.emulator.case}; add controller=none (the default "
+                "experiment runs the shipped policy)"
             )
         if self.strategy.fraction_train != 1.0:
             raise ConfigError(

@@ -380,69 +380,6 @@ class EvalConfig:
 
 
 @dataclass
-class DeviceProfile:
-    """A simulated device (deployment nodes report their own)."""
-
-    name: str = "device"
-    memory_mb: float = 1024.0
-    """Memory the device may use for training."""
-    gflops: float = 20.0
-    """Sustained training throughput in GFLOP/s (the round-time estimate)."""
-    bandwidth_mhz: float = 1.0
-    """Wireless channel bandwidth B of the Shannon rate."""
-    power_dbm: float = 23.0
-    """Transmit power p."""
-    distance_m: float = 100.0
-    """Distance to the base station (path loss 128.1 + 37.6 log10(d_km) dB)."""
-    bf16: bool = False
-    """Native bfloat16 compute; nodes report their own (simulated devices: the host's)."""
-    disk_mb: float = 0.0
-    """Disk the device gives to emulators it has received: it keeps the most recently used ones
-    that fit (`fedpeat.cost.cache_keep`), always the one in use; 0: only the one in use."""
-    link_bps: float = 0.0
-    """The link's measured effective throughput in bit/s (deployment: the server times each
-    node's exchanges, `strategies.links`); 0: the Shannon rate of the link figures above."""
-
-    def check(self, name: str) -> None:
-        """`name`: where this profile sits, e.g. `devices.profiles[0]`."""
-        check_range(f"{name}.memory_mb", self.memory_mb, 0.0, lo_open=True)
-        check_range(f"{name}.disk_mb", self.disk_mb, 0.0)
-        check_range(f"{name}.link_bps", self.link_bps, 0.0)
-        for field_name in ("gflops", "bandwidth_mhz", "distance_m"):
-            check_range(f"{name}.{field_name}", getattr(self, field_name), 0.0, lo_open=True)
-
-
-@dataclass
-class DevicesConfig:
-    """Profiles of simulated devices; device i gets profiles[i % len(profiles)]."""
-
-    profiles: list[DeviceProfile] = field(default_factory=lambda: [DeviceProfile()])
-    server_gflops: float = 200.0
-    """The server's sustained throughput in GFLOP/s: its own training and evaluation are part of
-    every round's modelled time."""
-    from_nodes: bool = False
-    """Deployment: a node's budget is the memory it detects (capped by its node config
-    memory-mb); `profiles` only fill link figures a node does not report, recorded as assumed.
-    False (simulation): a node's detection is the shared host's, so `profiles` give the budget."""
-    measure_links: str = "auto"
-    """`on`: the server times each node's train exchanges and prices its link by the measured
-    throughput once it has one (`strategies.links`); `off`: the link figures alone; `auto`: on
-    in deployment (`from_nodes`), off in simulation, where an exchange is a wait for a worker."""
-
-    @property
-    def measuring(self) -> bool:
-        return self.measure_links == "on" or (self.measure_links == "auto" and self.from_nodes)
-
-    def check(self) -> None:
-        if not self.profiles:
-            raise ConfigError("devices.profiles is empty; give at least one device profile")
-        check_choice("devices.measure_links", self.measure_links, ("auto", "on", "off"))
-        check_range("devices.server_gflops", self.server_gflops, 0.0, lo_open=True)
-        for i, prof in enumerate(self.profiles):
-            prof.check(f"devices.profiles[{i}]")
-
-
-@dataclass
 class StrategyConfig:
     """Round structure and aggregation on the server."""
 
