@@ -137,8 +137,9 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     runs: dict[str, dict[int, dict[str, Any]]] = {}
-    for rule in args.rules.split(","):
-        for seed in seeds:
+    # Seed by seed, every rule: a partial run still compares the rules on the same seeds.
+    for seed in seeds:
+        for rule in args.rules.split(","):
             spec = Spec(
                 f"aggregation-{rule}-{seed}", rule, f"{BASE} {RULES[rule]} seed={seed}", seed
             )
