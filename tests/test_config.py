@@ -64,13 +64,13 @@ def test_default_composes_to_the_documented_default() -> None:
     )
     assert cfg.rounds == 3 and cfg.strategy.aggregation == "fedavg"
     assert cfg.export_merged and cfg.experiment == "default"
+    assert not cfg.planner.enabled and cfg.controller.name == "none"
     # The whole system: the shipped policy, FedPipe planning with quantized emulators, a joint
     # program (derived deadline and upload cap).
-    assert cfg.controller.name == "ppo" and cfg.controller.ppo.checkpoint
-    assert cfg.planner.enabled and min(cfg.planner.bits) == 4
-    assert cfg.planner.straggler_deadline and cfg.planner.upload_share > 0
-    plain = compose("experiment=tiny")
-    assert not plain.planner.enabled and plain.controller.name == "none"
+    whole = compose("experiment=system")
+    assert whole.controller.name == "ppo" and whole.controller.ppo.checkpoint
+    assert whole.planner.enabled and min(whole.planner.bits) == 4
+    assert whole.planner.straggler_deadline and whole.planner.upload_share > 0
 
 
 def test_override_string_is_shell_split() -> None:
@@ -131,8 +131,8 @@ def test_override_string_is_shell_split() -> None:
             "emulator.adapt=held privacy=server_dp planner=none",
             "emulator.adapt=held with privacy.enabled",
         ),
-        ("emulator=none", "controller=ppo chooses per-device emulators; it needs"),
-        ("privacy=server_dp", "privacy.enabled needs planner.enabled=false"),
+        ("experiment=system emulator=none", "controller=ppo chooses per-device emulators; it"),
+        ("experiment=system privacy=server_dp", "privacy.enabled needs planner.enabled=false"),
         ("eval.metrics=[bleu]", "need prompt/response data to generate from"),
         ("experiment=e2e eval.metrics=[meteor]", "eval.metrics[0]='meteor' is not allowed"),
         ("devices.server_gflops=0", "devices.server_gflops=0.0 is out of range"),

@@ -41,8 +41,9 @@ GEOMETRY += " eval.emulator_gap=false"
         "experiment=tiny rounds=3",
         GEOMETRY,
         f"experiment=fedpipe {GEOMETRY} planner.calibration_batches=1",
+        f"experiment=system {GEOMETRY} planner.calibration_batches=1",
     ],
-    ids=["tiny", "default", "fedpipe"],
+    ids=["tiny", "default", "fedpipe", "system"],
 )
 def test_no_dropped_layer_ever_leaves_the_server(
     overrides, tmp_path, server_identity, device_disks
@@ -101,7 +102,7 @@ def test_no_dropped_layer_ever_leaves_the_server(
 
     # Every byte that left the server is in metrics.jsonl, and every byte that came back.
     assert sum(content_bytes(m.content) for m in grid.sent) == sum(r["bytes_down"] for r in rows)
-    if cfg.experiment == "default":  # the whole system: the shipped policy and FedPipe plans
+    if cfg.experiment == "system":  # the whole system: the shipped policy and FedPipe plans
         assert cfg.controller.name == "ppo" and cfg.planner.enabled
         row = rows[1]
         assert row["decided"] == "ppo-sampled" and len(row["action"]) == 6

@@ -101,10 +101,10 @@ class PlannerConfig:
     """Estimated round time (compute + transmission) each device must meet; 0: no deadline."""
     upload_mb: float = 0.0
     """Total adapter upload the server accepts per round; 0: `upload_share` decides."""
-    straggler_deadline: bool = True
+    straggler_deadline: bool = False
     """With deadline_s 0: the round's deadline is the slowest device's fastest plan
     (`fedpeat.allocation.fleet_limits`), so no device's plan outlasts the straggler's leanest."""
-    upload_share: float = 0.5
+    upload_share: float = 0.0
     """With upload_mb 0: the server accepts this share of what every device would upload at its
     largest plan (0: unlimited). With either limit the program is a joint one: devices compete."""
     runtime_mb: float = 0.0
