@@ -146,7 +146,9 @@ def run_rows(
         began = time.perf_counter()
         if report_only and not finished:
             continue
-        run_dir = execute(Spec(f"transfer-{data}-{name}", name, overrides, 42), DEVICES, reuse)
+        # A finished row not named in `only` is kept as it is, never run again.
+        keep = reuse or bool(only and name not in only)
+        run_dir = execute(Spec(f"transfer-{data}-{name}", name, overrides, 42), DEVICES, keep)
         summary = json.loads((run_dir / "summary.json").read_text())
         summary.pop("run_dir", None)  # a path of this machine: not for a committed result
         out[name] = {
