@@ -281,6 +281,9 @@ def ratios(rows: dict[str, Any]) -> list[str]:
     return out
 
 
+_ELSEWHERE = " (rows not run by this call: "
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -305,8 +308,10 @@ def main() -> None:
     earlier = json.loads((RESULTS / "transfer.json").read_text()) if args.merge else {}
     kept = earlier.get("data", {})
     here = machine()
-    if earlier and earlier.get("machine") != here:  # quality figures, but say where each ran
-        here += f" (rows not run by this call: {earlier['machine']})"
+    if earlier:  # quality figures, but say where each ran: every machine named before, once
+        *named, last = [m.rstrip(")") for m in earlier["machine"].split(_ELSEWHERE)]
+        others = sorted({*named, last} - {here})
+        here += f"{_ELSEWHERE}{'; '.join(others)})" if others else ""
     results: dict[str, Any] = {"machine": here, "rounds": compose("").rounds}
     results["data"] = {data: dict(rows) for data, rows in kept.items()}
     for data in args.data.split(","):
