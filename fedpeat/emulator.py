@@ -16,7 +16,7 @@ import json
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -433,14 +433,6 @@ def load_cached(path: Path, key: str) -> Package | None:
         path.unlink(missing_ok=True)
         return None
     return pkg
-
-
-def prune_cache(directory: Path, keep: Iterable[str]) -> None:
-    """Delete cached emulators other than `keep` (a device holds what the server thinks)."""
-    wanted = {f"{d}.safetensors" for d in keep}
-    for path in directory.glob("*.safetensors"):
-        if path.name not in wanted:
-            path.unlink(missing_ok=True)
 
 
 # --------------------------------------------------------------------------- adapter keys
