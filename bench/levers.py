@@ -20,7 +20,9 @@ emulator holds, the kept middle layers included, each delta plugged into the ful
 of the same index), share (true: layer sharing, CRaSh-style and training-free, so without
 distill: the emulator keeps the full model's depth, each dropped layer run by the kept layer
 below it; the kept layers' deltas are plugged into every layer they ran for, and into the kept
-layers alone as `kept_only_*`).
+layers alone as `kept_only_*`), realign (steps: after every round the emulator's middle layers
+are distilled again to the full model with the global adapter merged into both, FedBiOT-style;
+region adapters only), rlr (its learning rate).
 """
 
 from __future__ import annotations
@@ -155,6 +157,20 @@ def run(task: str, spec: dict[str, Any]) -> dict[str, Any]:
             states.append(get_adapter_state(work))
             sizes.append(len(data))
         state = weighted_average(states, sizes)
+        if kind == "emu" and spec.get("realign"):
+            realign(
+                emu,
+                full,
+                work,
+                state,
+                adapter,
+                region or [],
+                server,
+                spec,
+                cfg.emulator.distill,
+                pad,
+                dev,
+            )
     set_adapter_state(work, state)
     emu_ppl = evaluate_ppl(work, held, 8, pad, dev).ppl
     full_state = to_full_keys(state, layers) if kind == "emu" else state
@@ -252,6 +268,58 @@ def kd_back(
         loss.backward()
         optim.step()
     student.eval()
+
+
+def realign(
+    emu: Any,
+    full: Any,
+    work: Any,
+    state: dict[str, Any],
+    adapter: Any,
+    region: list[int],
+    server: list[Any],
+    spec: dict[str, Any],
+    base_distill: Any,
+    pad: int,
+    dev: torch.device,
+) -> None:
+    """The emulator's middle layers distilled again to the full model with the round's global
+    adapter merged into both (FedBiOT-style): the middle then matches the full model on the
+    inputs the adapted bottom layers now produce, not only on the base model's.
+
+    Region adapters only: the middle layers carry no adapter, so the realigned middle weights
+    go straight into the device model `work` for the next round.
+    """
+    from dataclasses import replace as dc_replace
+
+    from fedpeat.distill import distill
+    from fedpeat.emulator import keys_on_layers, layer_prefix, to_full_keys
+    from fedpeat.lora import attach_lora, set_adapter_state
+
+    if spec.get("adapt", "region") != "region":
+        raise SystemExit("realign supports adapt=region only")
+    teacher = attach_lora(copy.deepcopy(full), adapter, layers=region)
+    set_adapter_state(teacher, keys_on_layers(to_full_keys(state, emu.layers), region))
+    teacher = teacher.merge_and_unload()
+    local = _local(emu.layers, region)
+    student = attach_lora(copy.deepcopy(emu.model), adapter, layers=local)
+    set_adapter_state(student, state)
+    merged = dc_replace(emu, model=student.merge_and_unload())
+    dcfg = replace(
+        base_distill,
+        steps=spec["realign"],
+        lr=spec.get("rlr", 1e-4),
+        samples=10**6,
+        loss=spec.get("dloss", "layerwise"),
+    )
+    distill(merged, teacher, server, dcfg, pad, dev)
+    k = len(emu.layers)
+    src = dict(merged.model.named_modules())[layer_prefix(merged.model, k)]
+    dst = dict(work.named_modules())[layer_prefix(work, k)]
+    own = dict(emu.model.named_modules())[layer_prefix(emu.model, k)]
+    for i in range(emu.bottom, k - emu.top):
+        dst[i].load_state_dict(src[i].state_dict())
+        own[i].load_state_dict(src[i].state_dict())
 
 
 def shared_model(full: Any, kept: list[int]) -> Any:
