@@ -262,15 +262,21 @@ def plan_devices(
     profiles: Mapping[int, DeviceProfile],
     data_sizes: Mapping[int, int],
     emulator_bytes: Mapping[int, float],
+    limits: tuple[float, float] | None = None,
 ) -> dict[int, DevicePlan | str]:
-    """Solve the allocation program for the devices in `levels` (node -> keep ratio)."""
+    """Solve the allocation program for the devices in `levels` (node -> keep ratio).
+
+    `limits`: the derived (deadline s, upload MB) (`fleet_limits` over the fleet); None: derived
+    from these devices alone. `planner.deadline_s` and `planner.upload_mb` override them."""
     menus = {
         node: options_for(server, level, profiles[node], data_sizes[node], emulator_bytes[node])
         for node, level in levels.items()
     }
     budgets = {node: profiles[node].memory_mb for node in levels}
     pl = cfg.planner
-    deadline, upload = fleet_limits(menus, budgets, pl.upload_share, pl.straggler_deadline)
+    if limits is None:
+        limits = fleet_limits(menus, budgets, pl.upload_share, pl.straggler_deadline)
+    deadline, upload = limits
     allocations: dict[int, Allocation] = allocate(
         menus, budgets, pl.deadline_s or deadline, pl.upload_mb or upload
     )
@@ -312,15 +318,45 @@ def plan_round(
         return assignments, {}, violations
     levels = {n: a.level for n, a in assignments.items() if a.level is not None}
     case3 = cfg.emulator.case == 3
+
+    def sent(n: int, lv: float) -> float:
+        return 0.0 if case3 else float(emulator_bytes(n, lv))
+
+    # The limits are the fleet's: the chosen devices at their levels and every other sampled
+    # device at the leanest level it can hold, so that they do not shrink to what the few
+    # chosen devices need (one chosen device would otherwise be held to its own leanest plan).
+    lean = {n: lv for n in sampled if (lv := leanest_level(cfg, server, profiles[n]))}
+    fleet = {
+        n: options_for(server, lv, profiles[n], data_size(n), sent(n, lv))
+        for n, lv in (lean | levels).items()
+    }
+    limits = fleet_limits(
+        fleet,
+        {n: profiles[n].memory_mb for n in fleet},
+        cfg.planner.upload_share,
+        cfg.planner.straggler_deadline,
+    )
     plans = plan_devices(
         cfg,
         server,
         levels,
         {n: profiles[n] for n in levels},
         {n: data_size(n) for n in levels},
-        {n: 0.0 if case3 else float(emulator_bytes(n, lv)) for n, lv in levels.items()},
+        {n: sent(n, lv) for n, lv in levels.items()},
+        limits,
     )
     return assignments, plans, violations
+
+
+def leanest_level(cfg: Config, server: ServerModel, profile: DeviceProfile) -> float | None:
+    """The smallest level the device's case allows and it can hold (None: none fits); case 3
+    is the full model, whose fit the program itself checks."""
+    e = cfg.emulator
+    if e.case == 3:
+        return 1.0
+    allowed = list(e.levels) if e.case == 1 else [e.shared_level]
+    fits = [lv for lv in allowed if need_mb(cfg, server, lv, profile) <= profile.memory_mb]
+    return min(fits) if fits else None
 
 
 # --------------------------------------------------------------------------- the plan

@@ -145,7 +145,10 @@ def test_the_shipped_policy_is_the_default_configs() -> None:
 def test_the_round_records_whether_the_policy_sampled_or_acted_greedily() -> None:
     from strategies.control.online import OnlineControl
 
-    cfg = compose("controller=ppo controller.ppo.checkpoint='' controller.ppo.explore_rounds=1")
+    cfg = compose(
+        "controller=ppo controller.ppo.checkpoint='' controller.ppo.explore_rounds=1 "
+        "controller.ppo.online_every=1"
+    )
     control = OnlineControl(cfg, None, 1e5, False)
     nodes = list(range(6))
     control.start(nodes, dict(enumerate(cfg.devices.profiles)), dict.fromkeys(nodes, 1))
@@ -154,3 +157,26 @@ def test_the_round_records_whether_the_policy_sampled_or_acted_greedily() -> Non
     assert control.decided == "ppo-sampled"
     control.act([[] for _ in nodes])
     assert control.decided == "ppo-greedy"
+
+
+def test_the_policy_samples_only_the_rounds_an_update_in_the_run_learns_from() -> None:
+    from strategies.control.controllers import explore_limit
+
+    assert explore_limit(100, 8, 3) == 0  # the default run: shorter than one update
+    assert explore_limit(100, 8, 20) == 16  # rounds 17-20 would never be learnt from
+    assert explore_limit(5, 2, 20) == 5  # the schedule ends first
+    assert explore_limit(100, 8, 0) == 100  # open-ended (pre-training's comparison)
+    assert explore_limit(3, 1, 2) == 2
+
+
+def test_a_run_shorter_than_one_update_acts_greedily() -> None:
+    from strategies.control.online import OnlineControl
+
+    cfg = compose("controller=ppo controller.ppo.checkpoint='' rounds=3")
+    assert cfg.controller.ppo.online_every > cfg.rounds
+    control = OnlineControl(cfg, None, 1e5, False)
+    nodes = list(range(6))
+    control.start(nodes, dict(enumerate(cfg.devices.profiles)), dict.fromkeys(nodes, 1))
+    for _ in range(3):
+        control.act([[] for _ in nodes])
+        assert control.decided == "ppo-greedy"

@@ -119,3 +119,32 @@ def test_held_adapter_covers_the_levels_layers_and_devices_pay_for_their_part() 
         == own
         < server.memory_need_mb(0.2, adapter_params=server.adapter_params)
     )
+
+
+def test_the_derived_deadline_is_the_fleets_not_only_the_chosen_devices() -> None:
+    """One fast device chosen in a fleet with a slow one: the deadline is the slow device's
+    leanest plan, so the fast device is not held to its own leanest plan (rank 2, batch 1)."""
+    from dataclasses import replace
+
+    from fedpeat.allocation import fleet_limits
+    from strategies.planning import leanest_level, options_for, plan_round
+
+    cfg = _planner_cfg("planner.straggler_deadline=true")
+    server = ServerModel(cfg)
+    base = cfg.devices.profiles[0]
+    profiles = {0: replace(base, gflops=100.0), 1: replace(base, name="slow", gflops=2.0)}
+    size, sent = (lambda n: 100), (lambda n, lv: 1e6)
+    _, plans, _ = plan_round(cfg, server, profiles, [0, 1], {0: 1, 1: 0}, size, sent)
+    plan = plans[0]
+    assert not isinstance(plan, str)
+    level = cfg.emulator.levels[0]
+    own = {0: options_for(server, level, profiles[0], 100, 1e6)}
+    lean = leanest_level(cfg, server, profiles[1])
+    assert lean is not None
+    fleet = own | {1: options_for(server, lean, profiles[1], 100, 1e6)}
+    budgets = {n: p.memory_mb for n, p in profiles.items()}
+    own_deadline = fleet_limits(own, budgets, 0.0, True)[0]
+    fleet_deadline = fleet_limits(fleet, budgets, 0.0, True)[0]
+    assert fleet_deadline > 2 * own_deadline
+    assert own_deadline < plan.time_s <= fleet_deadline
+    assert (plan.rank, plan.batch) != (min(cfg.planner.ranks), min(cfg.planner.batch_sizes))

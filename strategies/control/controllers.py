@@ -131,16 +131,29 @@ class Oort:
         return {}
 
 
+def explore_limit(explore_rounds: int, every: int, run_rounds: int) -> int:
+    """How many rounds the policy samples: its first `explore_rounds`, but only those whose
+    transitions an update inside the run learns from (a whole batch of `every`). A sampled
+    action is worse on average than the greedy one; it is worth its cost only when learnt
+    from, so a run shorter than one update acts greedily throughout. `run_rounds` 0: no end."""
+    if run_rounds <= 0:
+        return explore_rounds
+    return min(explore_rounds, run_rounds - run_rounds % max(every, 1))
+
+
 class PPOController:
-    """The learner online (FedPEAT's online orchestration). For its first `explore_rounds`
+    """The learner online (FedPEAT's online orchestration). For its first `explore_limit`
     rounds it samples its actions from the policy, so the transitions are on-policy, and
     updates from every `every` of them in one full batch; after that it acts greedily (the
     most probable option per device) and no longer learns."""
 
     name = "ppo"
 
-    def __init__(self, learner: PPOLearner, every: int, lr: float, explore_rounds: int) -> None:
-        self.learner, self.every, self.explore_rounds = learner, every, explore_rounds
+    def __init__(
+        self, learner: PPOLearner, every: int, lr: float, explore_rounds: int, run_rounds: int = 0
+    ) -> None:
+        self.learner, self.every = learner, every
+        self.explore_rounds = explore_limit(explore_rounds, every, run_rounds)
         self.learner.set_lr(lr)
         self._obs: list[Obs] = []
         self._act: list[np.ndarray] = []
@@ -219,8 +232,10 @@ def make_controller(
     n_devices: int,
     seed: int,
     checkpoint: Path | None = None,
+    run_rounds: int = 0,
 ) -> Controller:
-    """The configured controller for `n_devices` devices and levels `keeps`."""
+    """The configured controller for `n_devices` devices and levels `keeps`, in a run of
+    `run_rounds` rounds (0: open-ended, as in pre-training's comparison)."""
     k = len(keeps)
     if cfg.name == "fixed":
         return Fixed(keeps.index(cfg.fixed_level))
@@ -237,5 +252,5 @@ def make_controller(
         else:
             learner = load_learner(checkpoint, cfg, seed)
         p = cfg.ppo
-        return PPOController(learner, p.online_every, p.online_lr, p.explore_rounds)
+        return PPOController(learner, p.online_every, p.online_lr, p.explore_rounds, run_rounds)
     raise ValueError(f"controller.name={cfg.name!r} has no controller object")

@@ -93,6 +93,7 @@ class OnlineControl:
                 len(nodes),
                 self.cfg.seed,
                 self.checkpoint,
+                self.cfg.rounds,
             )
         self._draw()
 
