@@ -63,14 +63,15 @@ def test_default_composes_to_the_documented_default() -> None:
         "play",
     )
     assert cfg.rounds == 3 and cfg.strategy.aggregation == "fedavg"
-    assert cfg.export_merged and cfg.experiment == "default"
-    assert not cfg.planner.enabled and cfg.controller.name == "none"
+    assert cfg.export_merged and cfg.experiment == "system"
     # The whole system: the shipped policy, FedPipe planning with quantized emulators, a joint
-    # program (derived deadline and upload cap).
-    whole = compose("experiment=system")
-    assert whole.controller.name == "ppo" and whole.controller.ppo.checkpoint
-    assert whole.planner.enabled and min(whole.planner.bits) == 4
-    assert whole.planner.straggler_deadline and whole.planner.upload_share > 0
+    # program (a deadline and an upload cap derived from the fleet).
+    assert cfg.controller.name == "ppo" and cfg.controller.ppo.checkpoint
+    assert cfg.planner.enabled and max(cfg.planner.bits) <= 8
+    assert cfg.planner.straggler_deadline and cfg.planner.upload_share > 0
+    # Any other experiment starts from the plain defaults.
+    plain = compose("experiment=tiny")
+    assert not plain.planner.enabled and plain.controller.name == "none"
 
 
 def test_override_string_is_shell_split() -> None:
@@ -100,7 +101,7 @@ def test_override_string_is_shell_split() -> None:
         ("rounds=0", "rounds=0 is out of range"),
         ("planner.bits=[4,3]", "planner.bits[1]=3 is not allowed; expected one of [4, 8, 16, 32]"),
         ("planner.ranks=[2,32]", "planner.ranks[1]=32 is out of range"),
-        ("planner.bit_fidelity=[1.0]", "planner.bit_fidelity has 1 values for 4 planner.bits"),
+        ("planner.bit_fidelity=[1.0]", "planner.bit_fidelity has 1 values for 2 planner.bits"),
         ("planner.candidates=[qkv]", "planner.candidates[0]='qkv' is not allowed"),
         ("planner.batch_sizes=[]", "planner.batch_sizes is empty"),
         ("adapter.modules=[q_proj]", "adapter.modules[0]='q_proj' is not a weight matrix name"),

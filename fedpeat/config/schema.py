@@ -95,7 +95,8 @@ class Config:
         if self.planner.enabled:
             raise ConfigError(
                 "privacy.enabled needs planner.enabled=false: devices must train the whole "
-                "global adapter for the update clipping to apply; add planner=none"
+                "global adapter for the update clipping to apply; add planner=none (the default "
+                "experiment plans)"
             )
         if self.strategy.name == "fed_ft":
             raise ConfigError("privacy.enabled is for adapter updates, not strategy.name=fed_ft")
@@ -137,7 +138,8 @@ class Config:
         if self.emulator.case != 1:
             raise ConfigError(
                 f"controller={name} chooses per-device emulators; it needs "
-                f"emulator.case=1, got {self.emulator.case}; add controller=none"
+                f"emulator.case=1, got {self.emulator.case}; add controller=none (the default "
+                "experiment runs the shipped policy)"
             )
         if self.strategy.fraction_train != 1.0:
             raise ConfigError(
