@@ -32,6 +32,8 @@ def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
         # E2E rows need ../shared/data/e2e (skipped with a message where it is absent).
         "transfer": [[*py, "bench.transfer", *(["--reuse"] if reuse else [])]],
         "aggregation": [[*py, "bench.aggregation", *(["--reuse"] if reuse else [])]],
+        # The shipped policy unchanged on 3, 6 and 20 devices and a second level list.
+        "fleets": [[*py, "bench.fleets", *(["--reuse"] if reuse else [])]],
     }
 
 

@@ -204,3 +204,45 @@ def test_aggregation_interval_and_table_by_hand() -> None:
     text = markdown({"machine": "m", "seeds": [1, 2], "rules": rules})
     assert "| exact | 51.00 [" in text and "50.00 [49.00, 51.00]; 52.00" in text
     assert "exact - stack: -4.00 test ppl" in text
+
+
+def test_fleet_rows_read_what_the_policy_chose() -> None:
+    from bench.fleets import describe, markdown
+
+    ok = {"status": "ok", "rank": 16, "batch": 4, "bits": 8}
+    run = {
+        "rows": [
+            {"round": 0, "plugin_ppl": 120.0},
+            {
+                "round": 1,
+                "plugin_ppl": 100.0,
+                "decided": "ppo-greedy",
+                "devices": [
+                    {**ok, "level": 0.2},
+                    {**ok, "level": 0.2, "bits": 4},
+                    {"status": "skipped", "level": None},
+                ],
+            },
+        ],
+        "summary": {
+            "test_base_ppl": 110.0,
+            "test_plugin_ppl": 90.0,
+            "modelled_latency_total_s": 42.4,
+            "bytes_total": 3 * 2**20,
+            "wall_s": 10.0,
+        },
+    }
+    row = describe(run, {"plugin": {"ppl_ci": [80.0, 99.0]}})
+    assert row["rounds"] == [
+        {
+            "round": 1,
+            "devices": 2,
+            "levels": {"0.2": 2},
+            "plans": ["r16 b4 4-bit", "r16 b4 8-bit"],
+            "decided": "ppo-greedy",
+        }
+    ]
+    assert row["val_ppl"] == [120.0, 100.0] and row["mb_sent"] == 3.0
+    text = markdown({"rows": {"fleet-3": {"devices": 3, "levels_list": "[0.4]", **row}}}, "m")
+    assert "| fleet-3 | 3 | [0.4] | 2 x 0.2 | r16 b4 4-bit, r16 b4 8-bit | 120.00 -> 100.00 |" in text
+    assert "110.00 -> 90.00 [80.00, 99.00] | 42 | 3.0 |" in text
