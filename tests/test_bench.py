@@ -244,5 +244,6 @@ def test_fleet_rows_read_what_the_policy_chose() -> None:
     ]
     assert row["val_ppl"] == [120.0, 100.0] and row["mb_sent"] == 3.0
     text = markdown({"rows": {"fleet-3": {"devices": 3, "levels_list": "[0.4]", **row}}}, "m")
-    assert "| fleet-3 | 3 | [0.4] | 2 x 0.2 | r16 b4 4-bit, r16 b4 8-bit | 120.00 -> 100.00 |" in text
+    chosen = "| 2 x 0.2 | r16 b4 4-bit, r16 b4 8-bit | 120.00 -> 100.00 |"
+    assert f"| fleet-3 | 3 | [0.4] {chosen}" in text
     assert "110.00 -> 90.00 [80.00, 99.00] | 42 | 3.0 |" in text
