@@ -287,6 +287,7 @@ def partition_indices(
         DirichletPartitioner,
         GroupedNaturalIdPartitioner,
         IidPartitioner,
+        NaturalIdPartitioner,
         Partitioner,
     )
 
@@ -328,10 +329,20 @@ def partition_indices(
         )
     partitioner.dataset = ds
     if cfg.kind == "natural" and partitioner.num_partitions != num_partitions:
-        raise DataError(
-            f"natural partitioning made {partitioner.num_partitions} groups "
-            f"for {num_partitions} devices"
-        )
+        # Fewer than two values per device (38 plays, 20 devices): a fixed group size cannot
+        # make exactly one group per device, so split the sorted values into that many runs
+        # of near-equal length and partition by the run.
+        values = sorted(set(column[cfg.by]), key=str)
+        runs = np.array_split(np.arange(len(values)), num_partitions)
+        run_of = {values[i]: g for g, run in enumerate(runs) for i in run}
+        ds = ds.add_column("run", [run_of[v] for v in column[cfg.by]])
+        partitioner = NaturalIdPartitioner(partition_by="run")
+        partitioner.dataset = ds
+        if partitioner.num_partitions != num_partitions:
+            raise DataError(
+                f"natural partitioning made {partitioner.num_partitions} groups "
+                f"for {num_partitions} devices"
+            )
     return [
         np.asarray(partitioner.load_partition(i)["idx"], dtype=np.int64)
         for i in range(num_partitions)

@@ -123,6 +123,18 @@ def test_natural_partition_keeps_each_play_on_one_device() -> None:
     assert sorted(len(p) for p in parts) == [10, 10, 15]
 
 
+def test_natural_partition_with_fewer_than_two_plays_per_device() -> None:
+    # 38 plays on 20 devices: a fixed group size of 1 would make 38 groups; instead the sorted
+    # plays are split into 20 runs (18 of 2 plays, 2 of 1), each play still on one device.
+    samples = _synthetic(2, groups=38)
+    parts = partition_indices(samples, PartitionConfig(kind="natural", by="play"), 20, seed=0)
+    assert len(parts) == 20
+    assert sorted(np.concatenate(parts).tolist()) == list(range(76))
+    plays = [{samples[i]["play"] for i in idx} for idx in parts]
+    assert sorted(len(p) for p in plays) == [1] * 2 + [2] * 18
+    assert len(set().union(*plays)) == 38 and sum(len(p) for p in plays) == 38
+
+
 def test_natural_partition_needs_enough_ids() -> None:
     with pytest.raises(DataError, match="fewer than the 5 devices"):
         partition_indices(_synthetic(3, 2), PartitionConfig(kind="natural", by="play"), 5, seed=0)

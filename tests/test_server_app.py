@@ -605,3 +605,25 @@ def test_too_few_valid_replies_keep_the_adapter(tmp_path, server_identity, devic
     # one valid update < min_replies=2: the adapter stays the initial one (B = 0: base model)
     assert rows[1]["plugin_ppl"] == pytest.approx(rows[0]["plugin_ppl"], rel=1e-6)
     assert rows[1]["rejected"][0]["reason"].endswith("out of battery")
+
+
+def test_the_policy_without_a_profiled_device_leaves_the_round_to_the_server(
+    tmp_path, server_identity, device_disks
+) -> None:
+    """Every device fails its profile query (as 20 devices on 38 plays once did): the policy
+    has no device to score, and the run goes on with the server's own update."""
+    from flwr.app import MessageType
+
+    cfg = compose("experiment=tiny controller=ppo rounds=1")
+
+    def no_profile(msg, node, reply):
+        if msg.metadata.message_type == MessageType.QUERY:
+            raise RuntimeError("DataError: no data for this device")
+        return reply
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(InProcessGrid(2, tamper=no_profile), cfg, run_dir)
+    base, row = read_metrics(run_dir / "metrics.jsonl")
+    assert row["num_clients"] == 0 and row["decided"] is None
+    assert row["plugin_ppl"] < base["plugin_ppl"]  # the server's own update

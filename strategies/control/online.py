@@ -137,8 +137,10 @@ class OnlineControl:
     # ------------------------------------------------------------------ round
 
     def act(self, holding: list[list[int]]) -> dict[int, int] | None:
-        """Node -> option (0 skip, k level k-1); None when no controller (emulator.case)."""
-        if self.controller is None:
+        """Node -> option (0 skip, k level k-1); None when no controller (emulator.case) or
+        no device to choose from (none has sent its profile yet)."""
+        if self.controller is None or not self.nodes:
+            self.decided = None
             return None
         # Before acting: the round that ends the exploration schedule still samples.
         exploring = getattr(self.controller, "exploring", None)
