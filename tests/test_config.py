@@ -69,6 +69,8 @@ def test_default_composes_to_the_documented_default() -> None:
     assert cfg.controller.name == "ppo" and cfg.controller.ppo.checkpoint
     assert cfg.planner.enabled and max(cfg.planner.bits) <= 8
     assert cfg.planner.straggler_deadline and cfg.planner.upload_share > 0
+    # The policy runs any level list; `fixed_level` binds only the fixed controller.
+    assert compose("emulator.levels=[0.3,0.2]").emulator.levels == [0.3, 0.2]
     # Any other experiment starts from the plain defaults.
     plain = compose("experiment=tiny")
     assert not plain.planner.enabled and plain.controller.name == "none"

@@ -271,7 +271,7 @@ class ControllerConfig:
         check_choice("controller.name", self.name, CONTROLLERS)
         if self.name == "none":
             return
-        if self.fixed_level not in levels:
+        if self.name == "fixed" and self.fixed_level not in levels:  # only `fixed` uses it
             raise ConfigError(
                 f"controller.fixed_level={self.fixed_level!r} is not one of emulator.levels "
                 f"{levels}"
