@@ -95,7 +95,7 @@ def markdown(results: dict[str, Any], here: str) -> str:
         )
     header = ["row", "devices", "levels", "chosen per round", "plans", "validation ppl"]
     header += ["test ppl", "modelled s", "MB sent"]
-    return "\n".join(lines) + table(header, body) + "\n"
+    return "\n".join(lines) + "\n" + table(header, body) + "\n"
 
 
 def main() -> None:
@@ -116,8 +116,8 @@ def main() -> None:
         levels = extra.split("=", 1)[1] if extra else "[0.4,0.3,0.2]"
         out["rows"][name] = {"devices": devices, "levels_list": levels, **row}
         print(f"{name}: {row['val_ppl'][-1]:.2f} validation, {row['rounds']}", flush=True)
-    write_json("fleets", out)
-    write_md("fleets", markdown(out, out["machine"]))
+    write_json("fleets.json", out)
+    write_md("fleets.md", markdown(out, out["machine"]))
 
 
 if __name__ == "__main__":
