@@ -13,7 +13,7 @@ seed's bootstrap interval), validation perplexity after the last round, MB sent 
 largest truncation error. Decisions use validation; the test split is reported.
 Writes bench/results/aggregation.{md,json}; runs go to runs/bench/ (`--reuse` keeps them).
 
-    python -m bench.aggregation [--seeds 42,43,44] [--reuse]
+    python -m bench.aggregation [--seeds 42,43,44,45,46] [--reuse]
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--seeds", default="42,43,44")
+    parser.add_argument("--seeds", default="42,43,44,45,46")
     parser.add_argument("--rules", default=",".join(RULES))
     parser.add_argument("--reuse", action="store_true")
     args = parser.parse_args()
