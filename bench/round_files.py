@@ -24,10 +24,14 @@ from bench.common import machine, write_json, write_md
 
 PROJECT = Path(__file__).resolve().parent.parent
 PACKAGES = ("fedpeat", "strategies", "server_app", "client_app")
-# The default round's path (no controller, planner or privacy) on the tiny model: with the
-# default config and three devices, and with the tiny experiment the test suite traces.
+# The default round's path (the whole system: policy, planner, quantized emulators) on a tiny
+# model with the default model's 30 layers (so the default levels keep at most half of them),
+# three devices; and the plain path of the tiny experiment the test suite traces.
 CASES = {
-    "default config, tiny model, 3 devices": ("model=tiny_llama data.max_samples=600 rounds=2", 3),
+    "default config, tiny 30-layer model, 3 devices": (
+        "model=tiny_llama model.tiny.num_layers=30 data.max_samples=600 rounds=2",
+        3,
+    ),
     "experiment=tiny, 2 devices": ("experiment=tiny rounds=2", 2),
 }
 
