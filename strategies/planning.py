@@ -5,7 +5,7 @@ modules under the planner, and the `Plan` a device receives, built by `build_pla
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -260,25 +260,20 @@ def plan_devices(
     server: ServerModel,
     levels: Mapping[int, float],
     profiles: Mapping[int, DeviceProfile],
-    data_sizes: Mapping[int, int],
-    emulator_bytes: Mapping[int, float],
-    limits: tuple[float, float] | None = None,
+    menus: Mapping[int, Sequence[Option]],
+    limits: tuple[float, float],
 ) -> dict[int, DevicePlan | str]:
-    """Solve the allocation program for the devices in `levels` (node -> keep ratio).
-
-    `limits`: the derived (deadline s, upload MB) (`fleet_limits` over the fleet); None: derived
-    from these devices alone. `planner.deadline_s` and `planner.upload_mb` override them."""
-    menus = {
-        node: options_for(server, level, profiles[node], data_sizes[node], emulator_bytes[node])
-        for node, level in levels.items()
-    }
+    """Solve the allocation program for the devices in `levels` (node -> keep ratio) over their
+    `menus` (`options_for` at that level), under the derived (deadline s, upload MB) `limits`
+    (`fleet_limits`); `planner.deadline_s` and `planner.upload_mb` override them."""
     budgets = {node: profiles[node].memory_mb for node in levels}
     pl = cfg.planner
-    if limits is None:
-        limits = fleet_limits(menus, budgets, pl.upload_share, pl.straggler_deadline)
     deadline, upload = limits
     allocations: dict[int, Allocation] = allocate(
-        menus, budgets, pl.deadline_s or deadline, pl.upload_mb or upload
+        {node: menus[node] for node in levels},
+        budgets,
+        pl.deadline_s or deadline,
+        pl.upload_mb or upload,
     )
     out: dict[int, DevicePlan | str] = {}
     for node, alloc in allocations.items():
@@ -325,10 +320,11 @@ def plan_round(
     # The limits are the fleet's: the chosen devices at their levels and every other sampled
     # device at the leanest level it can hold, so that they do not shrink to what the few
     # chosen devices need (one chosen device would otherwise be held to its own leanest plan).
-    lean = {n: lv for n in sampled if (lv := leanest_level(cfg, server, profiles[n]))}
+    others = [n for n in sampled if n not in levels]
+    lean = {n: lv for n in others if (lv := leanest_level(cfg, server, profiles[n]))}
     fleet = {
         n: options_for(server, lv, profiles[n], data_size(n), sent(n, lv))
-        for n, lv in (lean | levels).items()
+        for n, lv in (levels | lean).items()
     }
     limits = fleet_limits(
         fleet,
@@ -336,15 +332,7 @@ def plan_round(
         cfg.planner.upload_share,
         cfg.planner.straggler_deadline,
     )
-    plans = plan_devices(
-        cfg,
-        server,
-        levels,
-        {n: profiles[n] for n in levels},
-        {n: data_size(n) for n in levels},
-        {n: sent(n, lv) for n, lv in levels.items()},
-        limits,
-    )
+    plans = plan_devices(cfg, server, levels, profiles, fleet, limits)
     return assignments, plans, violations
 
 
