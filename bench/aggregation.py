@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from bench.common import machine, write_json, write_md
+from bench.common import interval, machine, write_json, write_md
 from bench.federated import Spec, execute, load_run
 
 BASE = "experiment=fedpipe strategy.server_train=false"
@@ -36,18 +33,6 @@ RULES = {
     "stack": "strategy.aggregation=stack planner.server_rank=288",
 }
 DEVICES = 6
-# Two-sided 97.5% quantiles of Student's t for 1..9 degrees of freedom.
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
-
-
-def interval(values: list[float]) -> tuple[float, float, float]:
-    """Mean and the t-based 95% interval of the mean (nan bounds for a single value)."""
-    mean = float(np.mean(values))
-    if len(values) < 2:
-        return mean, float("nan"), float("nan")
-    half = T975[min(len(values) - 2, len(T975) - 1)] * float(np.std(values, ddof=1))
-    half /= math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def summarise(runs: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -76,3 +78,17 @@ def write_md(name: str, text: str) -> Path:
     path.write_text(text.rstrip() + "\n")
     print(text)
     return path
+
+
+# Two-sided 97.5% quantiles of Student's t for 1..9 degrees of freedom.
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262]
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and the t-based 95% interval of the mean (nan bounds for a single value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan"), float("nan")
+    half = T975[min(len(values) - 2, len(T975) - 1)] * statistics.stdev(values)
+    half /= math.sqrt(len(values))
+    return mean, mean - half, mean + half

@@ -178,7 +178,8 @@ def test_default_run_record_keeps_rounds_test_and_summary(tmp_path) -> None:
 
 
 def test_aggregation_interval_and_table_by_hand() -> None:
-    from bench.aggregation import interval, markdown, summarise
+    from bench.aggregation import markdown, summarise
+    from bench.common import interval
 
     # Mean 2, sample std 1, t(0.975, 2) = 4.303: 2 +- 4.303 / sqrt(3) = 2 +- 2.4843.
     mean, lo, hi = interval([1.0, 2.0, 3.0])
