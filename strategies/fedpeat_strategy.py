@@ -329,9 +329,9 @@ class FedPEAT(Strategy):
         stats.timing["train_exchange"] = began - self._sent_at
         self._round = server_round
         replies = list(replies)
-        valid, refused = accept_replies(
-            stats, replies, self._expected, self.shapes, self.cfg.strategy.round_timeout_s
-        )
+        known = self.fleet.known_examples(stats.devices)  # the most weight a reply may claim
+        timeout = self.cfg.strategy.round_timeout_s
+        valid, refused = accept_replies(stats, replies, self._expected, self.shapes, timeout, known)
         for msg in replies:
             self.fleet.note_holdings(msg, self._plans.get(msg.metadata.src_node_id))
         if self.links.on:  # measured links: time each exchange, price the node by it

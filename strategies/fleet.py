@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from logging import INFO, WARNING
 from typing import Any
 
@@ -184,6 +184,11 @@ class Fleet:
         if n not in self._data_sizes:
             self._data_sizes[n] = partition_sizes(self.cfg.data, self.cfg.partition, n)
         return self._data_sizes[n][self.partition(node)]
+
+    def known_examples(self, nodes: Iterable[int]) -> dict[int, float]:
+        """Node -> the training examples the server knows it to have (`data_size`), for the
+        profiled ones among `nodes`: no reply may weigh its update beyond that."""
+        return {n: float(self.data_size(n)) for n in nodes if n in self.profiles}
 
     # ------------------------------------------------------------------ resume
 

@@ -43,10 +43,14 @@ def lost_emulator(reason: str) -> bool:
     return any(s in reason for s in _CACHE_MISS)
 
 
-def validate_reply(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> Update | str:
+def validate_reply(
+    msg: Message, expected: Mapping[str, tuple[int, ...]], max_examples: float = float("inf")
+) -> Update | str:
     """(state, weight, metrics) of a usable train reply, or the reason it is rejected.
 
-    `expected`: the adapter tensors' shapes the device was sent (its share of the global one).
+    `expected`: the adapter tensors' shapes the device was sent (its share of the global one);
+    `max_examples`: the most training examples the server knows the device to have (its
+    profile's data size): a reply weighted beyond it would steer the average by a claim alone.
     """
     if msg.has_error():
         return f"device error: {short_reason(msg.error.reason or '')}"
@@ -57,6 +61,11 @@ def validate_reply(msg: Message, expected: Mapping[str, tuple[int, ...]]) -> Upd
     weight, loss = metrics.get("num-examples"), metrics.get("train_loss")
     if not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
         return f"num-examples must be a positive number, got {weight!r}"
+    if weight > max_examples:
+        return (
+            f"num-examples {weight:g} exceeds the {max_examples:g} training examples the "
+            "device reported before the round"
+        )
     if not isinstance(loss, (int, float)) or not np.isfinite(loss):
         return f"train_loss must be a finite number, got {loss!r}"
     try:
@@ -76,10 +85,12 @@ def accept_replies(
     expected: Mapping[int, Mapping[str, tuple[int, ...]]],
     shapes: Mapping[str, tuple[int, ...]],
     timeout_s: float,
+    max_examples: Mapping[int, float] | None = None,
 ) -> tuple[list[Accepted], list[tuple[int, str, str]]]:
     """The train replies that pass `validate_reply` (`expected`: node -> the shapes it was sent;
-    `shapes` for a node not in it), and (node, reason, status) for the others and for the
-    devices sent work that did not answer by the deadline. Counts the bytes that came back."""
+    `shapes` for a node not in it; `max_examples`: node -> the examples it reported having), and
+    (node, reason, status) for the others and for the devices sent work that did not answer by
+    the deadline. Counts the bytes that came back."""
     valid: list[Accepted] = []
     refused: list[tuple[int, str, str]] = []
     answered = set()
@@ -91,7 +102,8 @@ def accept_replies(
             stats.bytes_up += up
             if dev := stats.devices.get(node):
                 dev.bytes_up = up
-        checked = validate_reply(msg, expected.get(node, shapes))
+        limit = (max_examples or {}).get(node, float("inf"))
+        checked = validate_reply(msg, expected.get(node, shapes), limit)
         if isinstance(checked, str):
             refused.append((node, checked, "rejected"))
         else:

@@ -248,3 +248,69 @@ def test_fleet_rows_read_what_the_policy_chose() -> None:
     chosen = "| 2 x 0.2 | r16 b4 4-bit, r16 b4 8-bit | 120.00 -> 100.00 |"
     assert f"| fleet-3 | 3 | [0.4] {chosen}" in text
     assert "110.00 -> 90.00 [80.00, 99.00] | 42 | 3.0 |" in text
+
+
+def test_control_figures_intervals_and_verdict_by_hand() -> None:
+    from bench.control import figures, markdown, summarise, verdict
+
+    def run(ppls: list[float], latency: list[float], test: float) -> dict:
+        rows = [
+            {
+                "round": i,
+                "plugin_ppl": p,
+                "latency_s": t,
+                "bytes_down": 10e6 * i,
+                "bytes_up": 1e6 * i,
+                "devices": [{"status": "ok"}] * i,
+            }
+            for i, (p, t) in enumerate(zip(ppls, latency, strict=True))
+        ]
+        # The server's summary: the first crossing of 115 and its summed modelled latency.
+        reached = next((i for i, p in enumerate(ppls) if p <= 115.0), None)
+        summary = {
+            "time_to_target_s": None if reached is None else sum(latency[: reached + 1]),
+            "modelled_latency_total_s": sum(latency),
+            "bytes_total": 1.0,
+            "final_plugin_ppl": ppls[-1],
+            "test_plugin_ppl": test,
+            "zero_shot_ppl": ppls[0],
+        }
+        return {"rows": rows, "summary": summary}
+
+    f = figures(run([125.0, 118.0, 110.0], [0.0, 40.0, 60.0], 70.0), 115.0)
+    # Reached in round 2: 40 + 60 s; bytes of rounds 1 and 2: 11 MB + 22 MB.
+    assert (f["round_reached"], f["time_to_target_s"], f["bytes_to_target"]) == (2, 100.0, 33e6)
+    assert f["devices_per_round"] == [1, 2]
+    assert figures(run([125.0, 120.0], [0.0, 5.0], 80.0), 115.0)["bytes_to_target"] is None
+
+    ppo = {1: figures(run([125.0, 110.0], [0.0, 10.0], 70.0), 115.0)}
+    ppo[2] = figures(run([125.0, 110.0], [0.0, 20.0], 72.0), 115.0)
+    rnd = {1: figures(run([125.0, 110.0], [0.0, 30.0], 69.0), 115.0)}
+    rnd[2] = figures(run([125.0, 110.0], [0.0, 40.0], 71.0), 115.0)
+    never = {s: figures(run([125.0, 120.0], [0.0, 1.0], 90.0), 115.0) for s in (1, 2)}
+    summary = summarise({"ppo": ppo, "random": rnd, "fixed": never})
+    # PPO: mean 15 s, sample std 7.071, t(0.975, 1) = 12.706: 15 +- 12.706 * 7.071 / sqrt 2.
+    assert summary["ppo"]["time_to_target_s"] == pytest.approx((15.0, 15.0 - 63.53, 15.0 + 63.53))
+    # Random over PPO per seed: 3 and 2, mean 2.5.
+    assert summary["random"]["time_over_ppo"][0] == pytest.approx(2.5)
+    assert summary["fixed"]["reached"] == 0 and summary["fixed"]["time_to_target_s"] is None
+    v = verdict(summary)
+    assert v["faster_than"] == {"random": True, "fixed": True} and v["faster_than_all"]
+    assert v["random_1.2x"] and v["best_baseline_test"] == "random"
+    # PPO's mean test 71 against random's 70 [57.3, 82.7]: inside the interval.
+    assert v["final_within_best"]
+    results = {
+        "machine": "m",
+        "seeds": [1, 2],
+        "target_ppl": 115.0,
+        "zero_shot_val_ppl": 125.0,
+        "zero_shot_test_ppl": 100.0,
+        "systems": summary,
+        "verdict": v,
+    }
+    text = markdown(results)
+    assert "| ppo | 2/2 | 15 [" in text and "| fixed | 0/2 | not reached |" in text
+    assert "faster than every other system: met" in text and "2.50x: met" in text
+    # A slower PPO misses and the table names who beat it.
+    slow = summarise({"ppo": rnd, "random": ppo})
+    assert not verdict(slow)["faster_than_all"] and not verdict(slow)["random_1.2x"]

@@ -17,6 +17,7 @@ from fedpeat.config import compose
 from fedpeat.emulator import adapter_region, select_layers
 from fedpeat.model import load_model
 from fedpeat.outputs import read_metrics
+from fedpeat.protocol import METRICS_KEY
 from server_app.app import _run
 from strategies.round_stats import content_bytes
 from tests.helpers import adapter_of, final_state, with_adapter
@@ -519,7 +520,7 @@ HONEST = (0, 6, 7)
 
 def _misbehave(msg: Message, node: int, reply: Message) -> Message | None:
     """Partition 1 raises, 2 returns NaN, 3 wrong shapes, 4 an update scaled x1e4, 5 answers
-    after the round's deadline."""
+    after the round's deadline, 9 trains honestly but claims a million examples."""
     if msg.metadata.message_type != "train" or reply.has_error():
         return reply
     pid, sent, got = node - 1000, adapter_of(msg), adapter_of(reply)
@@ -534,6 +535,8 @@ def _misbehave(msg: Message, node: int, reply: Message) -> Message | None:
         got = {k: (sent[k] + 1e4 * (v - sent[k])).astype(np.float32) for k, v in got.items()}
     elif pid == 5:
         time.sleep(ROUND_TIMEOUT_S + 0.5)
+    elif pid == 9:
+        reply.content.metric_records[METRICS_KEY]["num-examples"] = 1_000_000
     return with_adapter(reply, got)
 
 
@@ -550,7 +553,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
     cfg = compose(overrides)
     faulty = tmp_path / "faulty"
     faulty.mkdir()
-    grid = InProcessGrid(9, tamper=_misbehave)
+    grid = InProcessGrid(10, tamper=_misbehave)
 
     def memory_taken(msg: Message, node: int) -> None:
         # Partition 8 profiled with room to spare; by training time something else took its
@@ -565,7 +568,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
     assert len(rows) == 2 and (faulty / "summary.json").is_file()
     for row in rows[1:]:
         reasons = {r["node"] - 1000: r["reason"] for r in row["rejected"]}
-        assert sorted(reasons) == [1, 2, 3, 4, 5, 8], reasons
+        assert sorted(reasons) == [1, 2, 3, 4, 5, 8, 9], reasons
         assert "device error: RuntimeError: CUDA error" in reasons[1]
         assert "non-finite" in reasons[2]
         assert "shape" in reasons[3]
@@ -573,6 +576,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
         assert "no reply within strategy.round_timeout_s=15" in reasons[5]
         assert "memory budget 1 MB (node config memory-mb) <" in reasons[8]
         assert "estimated for this plan" in reasons[8]
+        assert "num-examples 1e+06 exceeds the" in reasons[9] and "reported" in reasons[9]
         status = {d["partition"]: d["status"] for d in row["devices"]}
         assert [p for p, s in status.items() if s == "ok"] == list(HONEST)
         assert status[5] == "timeout" and status[4] == "rejected"
@@ -581,7 +585,7 @@ def test_faulty_devices_are_rejected_and_the_adapter_is_the_honest_ones(
     # The same run with only the honest devices (same partitions of the same split).
     honest = tmp_path / "honest"
     honest.mkdir()
-    _run(InProcessGrid(9, partitions=HONEST), cfg, honest)
+    _run(InProcessGrid(10, partitions=HONEST), cfg, honest)
     want, got = final_state(honest), final_state(faulty)
     assert want.keys() == got.keys()
     for key in want:
