@@ -4,7 +4,8 @@ The server sends the global adapter, a plan (resolved config, which emulator to 
 emulator's weights only when this device does not hold them; they are cached on disk by digest
 (deployment starts a fresh process every round), as many as the device's disk budget allows
 (least recently used go first), and each train reply says which it keeps. The device's
-partition comes from its node config (`partition-id`, `num-partitions`). Only adapter tensors
+partition comes from its node config (`partition-id`, `num-partitions`); in deployment a node
+may name its own data instead (`data-path`, `fedpeat.node_data`). Only adapter tensors
 and that list travel back.
 """
 
@@ -28,9 +29,11 @@ from fedpeat.device import (
     keep_recent,
     receive_emulator,
 )
+from fedpeat.node_data import node_key_of
 from fedpeat.protocol import (
     ADAPTER_KEY,
     CACHE_KEY,
+    DATA_PATH,
     EMULATOR_KEY,
     HOLDS_FIELD,
     METRICS_KEY,
@@ -47,17 +50,29 @@ app = ClientApp()
 
 
 def _partition(context: Context) -> tuple[int, int]:
+    """The node's partition of the server's corpus; with its own data (`data-path`) the keys
+    are optional and only name it (0 of 1 where absent)."""
     cfg = context.node_config
-    if PARTITION_ID not in cfg or NUM_PARTITIONS not in cfg:
-        raise ValueError(
-            "node config needs partition-id and num-partitions "
-            '(e.g. flower-supernode --node-config "partition-id=0 num-partitions=2")'
-        )
-    return int(cfg[PARTITION_ID]), int(cfg[NUM_PARTITIONS])
+    if PARTITION_ID in cfg and NUM_PARTITIONS in cfg:
+        return int(cfg[PARTITION_ID]), int(cfg[NUM_PARTITIONS])
+    if _data_path(context):
+        return 0, 1
+    raise ValueError(
+        "node config needs data-path (the node's own data) or partition-id and num-partitions "
+        '(e.g. flower-supernode --node-config "partition-id=0 num-partitions=2")'
+    )
+
+
+def _data_path(context: Context) -> str:
+    return str(context.node_config.get(DATA_PATH, ""))
 
 
 def _node_key(context: Context) -> str:
-    """Names this device's emulator cache; simulated devices share a disk, so it must differ."""
+    """Names this device's emulator cache; simulated devices share a disk, so it must differ.
+    A node named by its data alone keeps one name across restarts."""
+    cfg = context.node_config
+    if PARTITION_ID not in cfg and _data_path(context):
+        return node_key_of(_data_path(context))
     return f"device-{_partition(context)[0]}"
 
 
@@ -104,7 +119,12 @@ def profile(msg: Message, context: Context) -> Message:
     query = msg.content.config_records.get(PLAN_KEY)
     plan = Plan.from_json(str(query[PLAN_FIELD])) if query and PLAN_FIELD in query else None
     prof = device_profile(
-        _node_key(context), partition_id, num_partitions, context.node_config, plan
+        _node_key(context),
+        partition_id,
+        num_partitions,
+        context.node_config,
+        plan,
+        _data_path(context),
     )
     return Message(RecordDict({PROFILE_KEY: ConfigRecord(prof)}), reply_to=msg)
 
@@ -116,7 +136,13 @@ def train(msg: Message, context: Context) -> Message:
     _store_emulator(msg, plan, context)
     check_budget(plan, context.node_config)
     new_state, result, num_examples = device_train(
-        plan, partition_id, num_partitions, state, _node_key(context), _residual(msg)
+        plan,
+        partition_id,
+        num_partitions,
+        state,
+        _node_key(context),
+        _residual(msg),
+        _data_path(context),
     )
     if plan.clipping_norm > 0:  # client-side DP: the unclipped update never leaves the device
         new_state = clip_update(new_state, state, plan.clipping_norm)
@@ -142,7 +168,13 @@ def evaluate(msg: Message, context: Context) -> Message:
     began = time.perf_counter()
     plan, partition_id, num_partitions, state = _inputs(msg, context)
     result, num_examples = device_evaluate(
-        plan, partition_id, num_partitions, state, _node_key(context), _residual(msg)
+        plan,
+        partition_id,
+        num_partitions,
+        state,
+        _node_key(context),
+        _residual(msg),
+        _data_path(context),
     )
     metrics = MetricRecord(
         {

@@ -47,6 +47,7 @@ from fedpeat.lora import (
     set_adapter_state,
 )
 from fedpeat.model import cache_dir, load_tokenizer
+from fedpeat.node_data import node_data
 from fedpeat.protocol import NODE_FIGURES, Plan
 from fedpeat.quantization import fast_bf16, quantize_frozen
 from fedpeat.train import EvalResult, TrainResult, evaluate_ppl, local_train, resolve_device
@@ -58,9 +59,9 @@ _EMULATOR_SLOTS = 4  # simulated devices share worker processes; levels differ p
 _PAD_IDS: dict[str, int] = {}
 
 
-def _data_fingerprint(plan: Plan) -> list[Any]:
+def _data_fingerprint(plan: Plan, data_path: str = "") -> list[Any]:
     """What the tokenized data depends on besides the config: a data file's size and mtime."""
-    path = Path(plan.data.path) if plan.data.path else None
+    path = Path(data_path or plan.data.path) if (data_path or plan.data.path) else None
     if path is not None and path.is_file():
         st = path.stat()
         return [st.st_size, st.st_mtime_ns]
@@ -68,11 +69,17 @@ def _data_fingerprint(plan: Plan) -> list[Any]:
 
 
 def device_encoded(
-    plan: Plan, partition_id: int, num_partitions: int, node_key: str | None = None
+    plan: Plan,
+    partition_id: int,
+    num_partitions: int,
+    node_key: str | None = None,
+    data_path: str = "",
 ) -> tuple[list[Encoded], list[Encoded]]:
     """Tokenized (train, held-out) data of one device: cached per process and, with a
     `node_key`, on the device's disk, since a deployed ClientApp is a fresh process every round
-    (tokenizing a default partition takes about 6 s here; reading it back, milliseconds)."""
+    (tokenizing a default partition takes about 6 s here; reading it back, milliseconds).
+    `data_path`: the node's own data (`fedpeat.node_data`) instead of a partition of the
+    server's corpus."""
     key = json.dumps(
         [
             asdict(plan.model),
@@ -80,7 +87,8 @@ def device_encoded(
             asdict(plan.partition),
             partition_id,
             num_partitions,
-            _data_fingerprint(plan),
+            data_path,
+            _data_fingerprint(plan, data_path),
         ],
         sort_keys=True,
     )
@@ -98,7 +106,10 @@ def device_encoded(
             )
             return _ENCODED[key]
     tok = load_tokenizer(plan.model)
-    split = device_data(plan.data, plan.partition, partition_id, num_partitions)
+    if data_path:
+        split = node_data(plan.data, data_path)
+    else:
+        split = device_data(plan.data, plan.partition, partition_id, num_partitions)
     test = split.test[: plan.data.device_eval_samples]
     _ENCODED[key] = (
         encode(split.train, tok, plan.data.max_length),
@@ -249,13 +260,14 @@ def device_train(
     state: AdapterState,
     node_key: str,
     residual: AdapterState | None = None,
+    data_path: str = "",
 ) -> tuple[AdapterState, TrainResult, int]:
     """Train the global adapter `state` locally; return (new state, figures, train set size).
 
     `residual`: the rest of the global adapter beyond this device's rank, added frozen to the
     forward pass (`frozen_residual`) so the device trains at the global model."""
     device = resolve_device(plan.train.device)
-    train_data, _ = device_encoded(plan, partition_id, num_partitions, node_key)
+    train_data, _ = device_encoded(plan, partition_id, num_partitions, node_key, data_path)
     pad_id = _pad_id(plan)
     # Per-device, per-round seed: devices draw different batches, reruns draw the same ones.
     seed = plan.seed + 1000 * plan.server_round + partition_id
@@ -279,11 +291,12 @@ def device_evaluate(
     state: AdapterState,
     node_key: str,
     residual: AdapterState | None = None,
+    data_path: str = "",
 ) -> tuple[EvalResult, int]:
     """Perplexity of (emulator or full model) + `state` (+ `residual`, as for training) on the
     device's held-out split."""
     device = resolve_device(plan.train.device)
-    _, test_data = device_encoded(plan, partition_id, num_partitions, node_key)
+    _, test_data = device_encoded(plan, partition_id, num_partitions, node_key, data_path)
     pad_id = _pad_id(plan)
     if plan.full_finetune:
         full = trainable_full_model(plan.model, device)
@@ -356,6 +369,7 @@ def device_profile(
     num_partitions: int,
     node_config: Mapping[str, Any],
     plan: Plan | None = None,
+    data_path: str = "",
 ) -> dict[str, Any]:
     """What a device tells the server about itself before its first round: partition, the
     memory it detects, compute, data size (the training examples it has under the server's
@@ -373,6 +387,8 @@ def device_profile(
     }
     prof |= node_figures(node_config)
     if plan is not None:
-        train, _ = device_encoded(plan, partition_id, num_partitions, node_key)
+        train, _ = device_encoded(plan, partition_id, num_partitions, node_key, data_path)
         prof["data-size"] = len(train)
+    if data_path:  # the server must not count this node in a partition of its corpus
+        prof["private-data"] = True
     return prof

@@ -52,6 +52,9 @@ ASK_FIELD = "ask"
 # Node-config keys that place a device's data (simulation: Flower sets them per SuperNode).
 PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
+# Deployment: the node's own data file or dataset directory (`fedpeat.node_data`); with it the
+# partition keys are optional and only name the node.
+DATA_PATH = "data-path"
 # Node-config keys a device may set about itself (deployment: `flower-supernode --node-config`).
 # memory-mb caps what it detects; the others are its link and compute figures for the cost model.
 # Link/compute keys -> the DeviceProfile fields they set.

@@ -331,3 +331,44 @@ def test_e2e_experiment_on_the_shared_data(e2e_path) -> None:
     assert sum(len(r) for _, r in val) > 4 * len(val)  # several references per prompt
     sizes = [len(device_data(cfg.data, cfg.partition, i, 6).train) for i in range(6)]
     assert min(sizes) > 50
+
+
+def test_a_node_reads_its_own_data_never_the_servers(tmp_path) -> None:
+    import datasets
+
+    from fedpeat.node_data import node_data, node_key_of
+
+    server = _e2e_like(tmp_path)
+    server = replace(server, path=str(tmp_path / "server-only" / "absent.jsonl"))
+    own = tmp_path / "node-a.jsonl"
+    rows = [{"mr": f"name[N{p}]", "ref": f"N{p} is good ({r})"} for p in range(10) for r in (0, 1)]
+    own.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # The server's file does not exist where the node runs: the node never opens it.
+    split = node_data(server, str(own))
+    assert len(split.train) + len(split.test) == 20 and split.test
+    # The server's fields and template.
+    assert all(s["prompt"].startswith("Question: name[N") for s in split.train)
+    # Split by prompt: both references of a meaning representation land on one side.
+    train_prompts = {s["prompt"] for s in split.train}
+    assert not train_prompts & {s["prompt"] for s in split.test}
+    # A saved dataset directory reads the same way; plain-text servers read a `text` column.
+    datasets.Dataset.from_dict({"text": ["one line", "two lines", "three"]}).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    text = node_data(DataConfig(), str(tmp_path / "ds"))
+    assert sorted(s["response"] for s in [*text.train, *text.test]) == [
+        "one line",
+        "three",
+        "two lines",
+    ]
+    with pytest.raises(DataError, match="node config data-path: no such file or directory"):
+        node_data(server, str(tmp_path / "missing.jsonl"))
+    (tmp_path / "bad.jsonl").write_text('{"other": 1}\n')
+    with pytest.raises(DataError, match=r"data-path=.*bad.jsonl: .*missing field\(s\) \['mr'"):
+        node_data(server, str(tmp_path / "bad.jsonl"))
+    (tmp_path / "one.jsonl").write_text('{"mr": "a", "ref": "b"}\n')
+    with pytest.raises(DataError, match="1 sample\\(s\\); a node needs at least 2"):
+        node_data(server, str(tmp_path / "one.jsonl"))
+    # A node known by its data alone keeps its cache name; two data files, two names.
+    assert node_key_of(str(own)) == node_key_of(str(tmp_path / "." / "node-a.jsonl"))
+    assert node_key_of(str(own)) != node_key_of(str(tmp_path / "ds"))

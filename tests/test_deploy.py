@@ -49,9 +49,9 @@ def _deploy(where, node_config: list[str], secure: bool = False, rounds: int = 2
     )
 
 
-def _check_caching_and_profiles(rows: list[dict]) -> None:
-    assert [r["num_clients"] for r in rows] == [0, 2, 2][: len(rows)]
-    assert rows[1]["exchanges"] == 2 and rows[1]["emulator_bytes"] > 0
+def _check_caching_and_profiles(rows: list[dict], clients: int = 2) -> None:
+    assert [r["num_clients"] for r in rows] == [0, clients, clients][: len(rows)]
+    assert rows[1]["exchanges"] == clients and rows[1]["emulator_bytes"] > 0
     if len(rows) > 2:
         # Every round's ClientApp process is fresh, yet round 2 sends no emulator: the nodes'
         # disk caches hold it.
@@ -66,6 +66,24 @@ def _check_caching_and_profiles(rows: list[dict]) -> None:
 
 
 NEAR, FAR = "memory-mb=4000 distance-m=50 profile=near", "memory-mb=3000 gflops=5 profile=far"
+PRIVATE_ROWS = (24, 36, 48)  # each node's own file: sizes differ, so data-size tells them apart
+
+
+def _private_files(where) -> list:
+    """Three nodes' own JSONL files (text rows, as the tiny experiment's plain-text data),
+    each in a directory of its own, none of them the server's corpus."""
+    from fedpeat.config import compose
+    from fedpeat.data import load_samples
+
+    texts = [s["response"] for s in load_samples(compose("experiment=tiny").data)]
+    paths, start = [], 0
+    for i, n in enumerate(PRIVATE_ROWS):
+        path = where / f"partner-{i}" / "own.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[start : start + n]))
+        paths.append(path)
+        start += n
+    return paths
 
 
 @pytest.fixture(scope="module")
@@ -75,12 +93,15 @@ def deployments(tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
     plain, secure = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("secure")
+    own = _private_files(secure)
+    private = [f"{NEAR} data-path='{own[0]}'", f"{FAR} data-path='{own[1]}'"]
+    private.append(f"profile=third data-path='{own[2]}'")
     with ThreadPoolExecutor(2) as pool:
         # Two devices with different profiles, and a third whose budget fits no emulator.
         a = pool.submit(_deploy, plain, [NEAR, FAR, "memory-mb=1 profile=tiny-budget"])
-        # TLS and node authentication: one round shows them (caching is the plain run's).
-        b = pool.submit(_deploy, secure, [NEAR, FAR], True, 1)
-        return {"plain": (plain, a.result()), "secure": (secure, b.result())}
+        # TLS and node authentication, each partner training on its own private file.
+        b = pool.submit(_deploy, secure, private, True, 2)
+        return {"plain": (plain, a.result()), "secure": (secure, b.result()), "own": own}
 
 
 @pytest.mark.slow
@@ -95,11 +116,21 @@ def test_loopback_deployment_caches_emulators_and_skips_a_node_that_fits_none(de
 
 
 @pytest.mark.slow
-def test_secure_deployment_with_node_authentication(deployments):
+def test_secure_deployment_of_partners_with_private_data(deployments):
+    from fedpeat.config import compose
+    from fedpeat.node_data import node_data
+
     where, outcome = deployments["secure"]
     rows = _rows(outcome)
-    assert len(rows) == 2
-    _check_caching_and_profiles(rows)
+    assert len(rows) == 3
+    _check_caching_and_profiles(rows, clients=3)
+    # Each node trained on its own file: the training examples it reported are its file's.
+    data = compose("experiment=tiny").data
+    own = {len(node_data(data, str(p)).train) for p in deployments["own"]}
+    profiles = rows[1]["profiles"].values()
+    assert {p["data-size"] for p in profiles} == own and len(own) == 3
+    assert all(p["private-data"] for p in profiles)
+    assert all(d["status"] == "ok" for r in rows[1:] for d in r["devices"])
     # Keys and certificates of a completed run are removed with its scratch directory.
     assert not list((where / "flwr").glob("deploy-*"))
 
