@@ -89,6 +89,43 @@ def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
     assert isinstance(text, str) and text
 
 
+@pytest.mark.slow
+def test_a_simulation_joins_a_ray_cluster_and_uses_both_of_its_nodes(tmp_path) -> None:
+    """Two raylets on this machine, one CPU each (Ray's own multi-node test cluster): the run
+    joins the cluster by its address, and Flower's pool puts a device actor on each node."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    # The raylets start here, so their workers inherit the test's caches and offline settings.
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        outcome = launch(
+            devices=2,
+            overrides="experiment=tiny rounds=1 strategy.fraction_evaluate=0",
+            output_dir=tmp_path / "runs",
+            stream=False,
+            ray_address=cluster.address,
+        )
+        rows = _check_run(outcome, rounds=1)
+        assert rows[1]["num_clients"] == 2
+        ray.init(address=cluster.address)
+        actors = [
+            a
+            for a in ray._private.state.actors().values()
+            if a["ActorClassName"].endswith("ClientAppActor")
+        ]
+        nodes = {a["Address"]["NodeID"] for a in actors}
+        assert len(nodes) == 2, actors
+        assert nodes <= {n["NodeID"] for n in ray.nodes()}
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
 def test_make_run_takes_the_readme_override_with_spaces(tmp_path) -> None:
     """The README's `make run OVERRIDES="\\"data.prompt_template='Q: {prompt} A: '\\""`: make
     receives OVERRIDES="data.prompt_template='Q: {prompt} A: '" and the value must reach Hydra

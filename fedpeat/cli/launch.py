@@ -155,8 +155,11 @@ def launch(
     flwr_home: Path | None = None,
     stream: bool = True,
     app_dir: Path = PROJECT_DIR,
+    ray_address: str = "",
 ) -> Outcome:
-    """Run the app once in local simulation and return how it ended."""
+    """Run the app once in local simulation and return how it ended. `ray_address`: a running
+    Ray cluster's (`ray start --head` prints it) for the simulation to join, spreading the
+    devices over every node's resources; empty: a Ray instance of its own on this machine."""
     workdir = Path.cwd()
     # Bad overrides, unreadable data and impossible partitions fail here, before any process.
     cfg = check(devices, overrides)
@@ -164,6 +167,8 @@ def launch(
     output_dir = (output_dir or workdir / "runs").resolve()
     marker = uuid.uuid4().hex
     env = flwr_env(flwr_home, marker)
+    if ray_address:  # Flower's backend calls ray.init(), which joins the cluster RAY_ADDRESS names
+        env["RAY_ADDRESS"] = ray_address
     superlink = SuperLink(flwr_home, env)
     run_id: int | None = None
     status = "not started"
@@ -255,6 +260,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--no-stream", action="store_true", help="do not stream the run's log")
     parser.add_argument(
+        "--ray-address",
+        default="",
+        help="join this running Ray cluster (HEAD:PORT) instead of starting Ray on this machine",
+    )
+    parser.add_argument(
         "--check",
         action="store_true",
         help="validate the overrides and data, print the resolved config, start nothing",
@@ -276,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
             args.gpus_per_device,
             args.timeout,
             stream=not args.no_stream,
+            ray_address=args.ray_address,
         )
     except Exception as err:  # a clear one-line reason, not a launcher traceback
         print(f"[fedpeat] error: {err}", file=sys.stderr)
