@@ -7,6 +7,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fedpeat.cli.flower import marked_pids
@@ -210,3 +211,80 @@ def test_a_resumed_run_is_found_in_the_directory_it_continues(tmp_path) -> None:
     out = outcome_of(222, "finished:completed", tmp_path / "runs", "m", old)
     assert out.run_dir == old and out.ok
     assert outcome_of(222, "finished:completed", tmp_path / "runs", "m").run_dir is None
+
+
+def _pids_of(flwr_home: Path, name: str) -> list[int]:
+    """Live processes started under `flwr_home` whose command line names `name`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"FLWR_HOME={flwr_home}".encode() in env and name.encode() in cmd:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_server_killed_under_flwr_run_resumes_to_the_uninterrupted_result(
+    tmp_path, monkeypatch
+) -> None:
+    """The ServerApp (inside the simulation process) is killed once round 2 is checkpointed;
+    `resume=` under a new `flwr run` finishes the run to the uninterrupted run's adapter."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from tests.helpers import final_state
+
+    overrides = "experiment=tiny rounds=3 strategy.fraction_evaluate=0"
+    home = (tmp_path / "flwr").resolve()
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices-whole"))
+    whole = launch(3, overrides, tmp_path / "whole", stream=False, flwr_home=home)
+    assert whole.ok and whole.run_dir is not None
+
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path / "devices-killed"))
+    out: dict = {}
+    runner = threading.Thread(
+        target=lambda: out.update(
+            first=launch(
+                3, overrides, tmp_path / "killed", timeout_s=240, stream=False, flwr_home=home
+            )
+        )
+    )
+    runner.start()
+    killed = None
+    deadline = time.monotonic() + 600
+    while killed is None and time.monotonic() < deadline and runner.is_alive():
+        for ckpt in (tmp_path / "killed").glob("*/checkpoint.json"):
+            if json.loads(ckpt.read_text())["round"] >= 2:
+                killed = ckpt.parent
+        time.sleep(0.05)
+    assert killed is not None, "the run finished or died before round 2 was checkpointed"
+    for pid in _pids_of(home, "flwr-simulation"):  # the ServerApp runs in this process
+        os.kill(pid, signal.SIGKILL)
+    runner.join()
+    assert not out["first"].ok and not (killed / "summary.json").exists()
+
+    resumed = launch(
+        3, f"{overrides} resume={killed}", tmp_path / "killed", stream=False, flwr_home=home
+    )
+    assert resumed.ok and resumed.run_dir == killed
+    rows = [json.loads(x) for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    ref = [json.loads(x) for x in (whole.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [0, 1, 2, 3]
+
+    # Node ids differ between flwr runs; partitions and what they were given do not.
+    def given(rs: list[dict]) -> list:
+        return [sorted((d["partition"], d["level"]) for d in r["devices"]) for r in rs]
+
+    assert given(rows) == given(ref)
+    assert [r["plugin_ppl"] for r in rows] == pytest.approx([r["plugin_ppl"] for r in ref])
+    want, got = final_state(whole.run_dir), final_state(killed)
+    for key in want:
+        np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-7)
