@@ -377,6 +377,8 @@ def device_profile(
     gives (memory-mb caps the detection). Missing figures are absent, never guessed here."""
     device = resolve_device(plan.train.device if plan is not None else "auto")
     prof: dict[str, Any] = {
+        # Names the device across restarts of its node (a new node id): its cache's name.
+        "device": node_key,
         "partition-id": partition_id,
         "num-partitions": num_partitions,
         "detected-memory-mb": available_memory_mb(device),

@@ -98,6 +98,9 @@ class Fleet:
         self._data_sizes: dict[int, list[int]] = {}
         self._old_partitions: dict[int, int] = {}
         self._old_holdings: dict[int, list[str]] = {}
+        self._rejoined: dict[int, int] = {}
+        self.gone: set[int] = set()
+        """Node ids whose device came back under another id."""
 
     # ------------------------------------------------------------------ who is there
 
@@ -114,7 +117,7 @@ class Fleet:
     def ask_profiles(self, grid: Grid, nodes: list[int], plan: Plan, stats: RoundStats) -> None:
         """Ask devices not heard from for their profile (partition, memory, holdings). `plan`
         tells a device which data config to count its training examples under."""
-        missing = [n for n in nodes if n not in self.profiles]
+        missing = [n for n in nodes if n not in self.profiles and n not in self.gone]
         if not missing:
             return
         query = ConfigRecord({ASK_FIELD: "profile", PLAN_FIELD: plan.to_json()})
@@ -131,7 +134,23 @@ class Fleet:
                 reason = (reply.error.reason if reply.has_error() else None) or "no profile"
                 log(WARNING, "node %d sent no profile: %s", node, short_reason(reason))
                 continue
-            self._add(node, dict(reply.content.config_records[PROFILE_KEY]), stats)
+            prof = dict(reply.content.config_records[PROFILE_KEY])
+            self._rejoin(node, prof, stats)
+            self._add(node, prof, stats)
+
+    def _rejoin(self, node: int, prof: Mapping[str, Any], stats: RoundStats) -> None:
+        """A device that left and came back (a restarted SuperNode gets a new node id): a new
+        node reporting a known node's device name (else partition) takes its place, whether or
+        not the SuperLink has noticed yet that the old one is gone; the old id is never asked
+        or sampled again and the controller is renumbered (`renumbering`)."""
+        for old in [n for n in self.profiles if n != node]:
+            if _device_key(self.profiles[old]) == _device_key(prof):
+                stats.rejoined[node] = old
+                self._rejoined[old] = node
+                self.gone.add(old)
+                for table in (self.profiles, self.device_profiles, self.holdings):
+                    table.pop(old, None)
+                log(INFO, "node %d is the device of node %d, back after leaving", node, old)
 
     def _add(self, node: int, prof: dict[str, Any], stats: RoundStats) -> None:
         # What a node does not report about itself comes from the devices= profile.
@@ -210,14 +229,23 @@ class Fleet:
         self._old_holdings = dict(saved["holdings"])
 
     def renumbering(self) -> dict[int, int]:
-        """Once after a resume, when the new nodes have told their partitions: old node id ->
-        new one (for the controller); their holdings are restored under the new ids."""
+        """Old node id -> new one, for the controller: once after a resume, when the new nodes
+        have told their partitions (their holdings are restored under the new ids), and for
+        devices that came back under a new id (`_rejoin`)."""
+        back, self._rejoined = self._rejoined, {}
         if not self._old_partitions:
-            return {}
+            return back
         new_of = {self.partition(n): n for n in self.profiles}
         mapping = {n: new_of[pid] for n, pid in self._old_partitions.items() if pid in new_of}
         for pid, held in self._old_holdings.items():
             if pid in new_of:
                 self.holdings[new_of[pid]] = set(held)
         self._old_partitions = {}
-        return mapping
+        return {**back, **mapping}
+
+
+def _device_key(prof: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What names a device across node ids: the name it reports, else its partition."""
+    if prof.get("device"):
+        return ("device", prof["device"])
+    return (prof.get(PARTITION_ID), prof.get(NUM_PARTITIONS))

@@ -131,6 +131,8 @@ class RoundStats:
     rejected: list[dict[str, Any]] = field(default_factory=list)
     profiles: dict[int, dict[str, Any]] = field(default_factory=dict)
     """Profiles first heard this round: the node's report, the figures used, what was assumed."""
+    rejoined: dict[int, int] = field(default_factory=dict)
+    """New node id -> the id the same device (partition) had before it left and came back."""
     privacy: dict[str, Any] | None = None
     """privacy.enabled: clipping, noise std, devices averaged, epsilon spent so far at delta."""
     timing: dict[str, float] = field(default_factory=dict)
@@ -197,6 +199,7 @@ class RoundStats:
             "skipped": self.skipped,
             "rejected": self.rejected,
             "profiles": {str(n): p for n, p in self.profiles.items()},
+            "rejoined": {str(n): old for n, old in self.rejoined.items()},
             "privacy": self.privacy,
             "timing": self.timing,
         }

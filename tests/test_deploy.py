@@ -178,3 +178,73 @@ def test_superlink_refuses_a_supernode_whose_key_is_not_registered(tmp_path):
         stop_all(started)
         stop_marked(marker)
     assert marked_pids(marker) == []
+
+
+def _supernode_pids(flwr_home, partition: int) -> list[int]:
+    """The SuperNode processes of one partition started under `flwr_home`."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        named = any(c.endswith(b"flower-supernode") for c in cmd)
+        mine = f"FLWR_HOME={flwr_home}".encode() in env
+        if named and mine and f"partition-id={partition}".encode() in b" ".join(cmd):
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_killed_supernode_restarts_rejoins_and_is_not_sent_its_emulator_again(tmp_path):
+    import os
+    import signal
+    import threading
+    import time
+
+    home = (tmp_path / "flwr").resolve()
+    out: dict = {}
+
+    def run() -> None:
+        out["outcome"] = deploy(
+            2,
+            "experiment=tiny emulator.case=1 strategy.fraction_evaluate=0 rounds=3 "
+            "strategy.round_timeout_s=30",
+            [NEAR, FAR],
+            output_dir=tmp_path / "runs",
+            flwr_home=home,
+            stream=False,
+            device_cache_dir=tmp_path / "devices",
+            restarts=1,
+        )
+
+    runner = threading.Thread(target=run)
+    runner.start()
+    killed: list[int] = []
+    deadline = time.monotonic() + 600
+    while not killed and time.monotonic() < deadline and runner.is_alive():
+        for metrics in (tmp_path / "runs").glob("*/metrics.jsonl"):
+            if len(metrics.read_text().splitlines()) >= 2:  # round 1 is done: round 2 begins
+                killed = _supernode_pids(home, 1)
+        time.sleep(0.1)
+    assert killed, "round 1 never finished, or node 1's SuperNode was not found"
+    for pid in killed:
+        os.kill(pid, signal.SIGKILL)
+    runner.join()
+    rows = _rows(out["outcome"])
+    by_round = [{d["partition"]: d for d in r["devices"]} for r in rows]
+    # Round 2 lost node 1 (killed before it replied); it came back under a new node id.
+    assert by_round[2][1]["status"] == "timeout" and by_round[2][0]["status"] == "ok"
+    rejoined = [r["rejoined"] for r in rows if r["rejoined"]]
+    assert len(rejoined) == 1
+    ((new, old),) = rejoined[0].items()
+    assert int(new) != old
+    # It trained again in round 3 from its disk cache: the emulator was not sent again.
+    assert by_round[3][1]["status"] == "ok" and by_round[3][1]["node"] == int(new)
+    assert not by_round[3][1]["emulator_sent"] and rows[3]["emulator_bytes"] == 0
+    assert rows[1]["emulator_bytes"] > 0

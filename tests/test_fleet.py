@@ -61,3 +61,55 @@ def test_deployed_node_budget_is_its_detection_capped_by_its_config() -> None:
     )
     assert assumed == [] and prof.name == "sensor" and prof.bandwidth_mhz == 0.5
     assert prof.disk_mb == 200
+
+
+class _StubPlan:
+    def to_json(self) -> str:
+        return "{}"
+
+
+class _ProfileGrid:
+    """Answers profile queries with each node's report (a dict per node id)."""
+
+    def __init__(self, reports: dict[int, dict]) -> None:
+        self.reports = reports
+        self.asked: list[int] = []
+
+    def send_and_receive(self, msgs, timeout=None):  # type: ignore[no-untyped-def]
+        from flwr.app import ConfigRecord, Message, RecordDict
+
+        out = []
+        for m in msgs:
+            self.asked.append(m.metadata.dst_node_id)
+            report = ConfigRecord(self.reports[m.metadata.dst_node_id])
+            out.append(Message(RecordDict({"profile": report}), reply_to=m))
+        return out
+
+
+def test_a_device_back_under_a_new_node_id_takes_its_old_place(server_identity) -> None:
+    from fedpeat.config import compose
+    from strategies.fleet import Fleet
+    from strategies.round_stats import RoundStats
+
+    def report(device: str, pid: int, holds: str = "") -> dict:
+        return {"device": device, "partition-id": pid, "num-partitions": 2, "holds": holds}
+
+    fleet = Fleet(compose("experiment=tiny"))
+    plan = _StubPlan()
+    first = RoundStats()
+    grid = _ProfileGrid({11: report("device-0", 0), 12: report("device-1", 1, "abc")})
+    fleet.ask_profiles(grid, [11, 12], plan, first)  # type: ignore[arg-type]
+    assert first.rejoined == {} and sorted(fleet.profiles) == [11, 12]
+    # Node 12's SuperNode restarts as node 13; the SuperLink may still list 12 for a while.
+    back = RoundStats()
+    grid.reports[13] = report("device-1", 1, "abc")
+    fleet.ask_profiles(grid, [11, 12, 13], plan, back)  # type: ignore[arg-type]
+    assert back.rejoined == {13: 12} and back.as_row()["rejoined"] == {"13": 12}
+    assert sorted(fleet.profiles) == [11, 13] and fleet.holdings[13] == {"abc"}
+    assert fleet.renumbering() == {12: 13} and fleet.renumbering() == {}
+    # The old id is never asked again, and a third device is no rejoin.
+    grid.asked.clear()
+    grid.reports[14] = report("device-2", 0)
+    later = RoundStats()
+    fleet.ask_profiles(grid, [11, 12, 13, 14], plan, later)  # type: ignore[arg-type]
+    assert grid.asked == [14] and later.rejoined == {}

@@ -26,6 +26,7 @@ import os
 import shutil
 import sys
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from fedpeat.cli.certs import make_credentials
@@ -86,11 +87,20 @@ def deployment_overrides(overrides: str, nodes: int) -> str:
     return " ".join([*extra, *words])
 
 
-def _dead(supernodes: list[SuperNode]) -> str | None:
-    """Why the run cannot go on: a SuperNode that exited (its log says why)."""
-    for node in supernodes:
-        if node.proc.poll() is not None:
+def _supervise(
+    supernodes: list[SuperNode], start: Callable[[int], SuperNode], restarts: list[int]
+) -> str | None:
+    """Why the run cannot go on: a SuperNode that exited (its log says why) with no restart
+    left. One with restarts left (`restarts[i]`) is started again with the same config and
+    key, as a device's supervisor would: the run goes on and the node rejoins."""
+    for i, node in enumerate(supernodes):
+        if node.proc.poll() is None:
+            continue
+        if restarts[i] <= 0:
             return f"SuperNode exited with code {node.proc.returncode}; see {node.out_file}"
+        restarts[i] -= 1
+        print(f"[fedpeat] SuperNode {i} exited ({node.proc.returncode}); restarting it", flush=True)
+        supernodes[i] = start(i)
     return None
 
 
@@ -117,10 +127,12 @@ def deploy(
     stream: bool = True,
     app_dir: Path = PROJECT_DIR,
     device_cache_dir: Path | None = None,
+    restarts: int = 0,
 ) -> Outcome:
     """Run the app once on a loopback deployment and return how it ended. The nodes keep their
     emulators under `device_cache_dir` (default: $FEDPEAT_DEVICE_CACHE_DIR, else the project's
-    cache), each in its own `device-<partition>` directory."""
+    cache), each in its own `device-<partition>` directory. `restarts`: how many times a node
+    that exits is started again before the run is stopped."""
     from fedpeat.config import compose, resolve_paths
 
     configs = node_configs(nodes, extra_node_config or [])
@@ -145,13 +157,17 @@ def deploy(
         superlink.wait_ready()
         write_connection(flwr_home, superlink.port, tls.ca_cert if tls else None)
         connection = connection_name(superlink.port)
-        for i, config in enumerate(configs):
+
+        def start(i: int) -> SuperNode:
             key = creds.node_keys[i] if creds else None
-            if key is not None:
-                register_node(key.with_suffix(".pub"), connection, env)
-            supernodes.append(
-                SuperNode(superlink.port, config, env, scratch, tls.ca_cert if tls else None, key)
-            )
+            cert = tls.ca_cert if tls else None
+            return SuperNode(superlink.port, configs[i], env, scratch, cert, key)
+
+        for i in range(nodes):
+            if creds:
+                register_node(creds.node_keys[i].with_suffix(".pub"), connection, env)
+            supernodes.append(start(i))
+        left = [restarts] * nodes
         run_config = {
             "overrides": overrides,
             "output-dir": str(output_dir),
@@ -159,7 +175,9 @@ def deploy(
         }
         run_id = submit(app_dir, env, run_config, {}, flwr_home, connection)
         print(f"[fedpeat] run {run_id} submitted to {nodes} SuperNode(s)", flush=True)
-        status = follow_run(run_id, env, connection, timeout_s, stream, lambda: _dead(supernodes))
+        status = follow_run(
+            run_id, env, connection, timeout_s, stream, lambda: _supervise(supernodes, start, left)
+        )
     finally:
         stop_all([*supernodes, superlink])
         remove_connection(flwr_home, superlink.port)
@@ -182,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-dir", type=Path, default=None, help="where runs/<id>/ goes")
     parser.add_argument("--timeout", type=float, default=3 * 3600, help="seconds before stop")
     parser.add_argument("--no-stream", action="store_true", help="do not stream the run's log")
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=0,
+        help="times a SuperNode that exits is started again (it rejoins) before the run stops",
+    )
     args = parser.parse_args(argv)
     try:
         outcome = deploy(
@@ -192,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             args.output_dir,
             args.timeout,
             stream=not args.no_stream,
+            restarts=args.restarts,
         )
     except Exception as err:  # a clear one-line reason, not a traceback
         print(f"[fedpeat] error: {err}", file=sys.stderr)
