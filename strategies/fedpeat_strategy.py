@@ -294,6 +294,7 @@ class FedPEAT(Strategy):
         stats.devices[node] = DeviceRound.sent(
             node, self.fleet.partition(node), assignment.level, sent_bytes > 0, down, device_plan
         )
+        stats.devices[node].priced_with(self.fleet.device_profiles[node].link_bps)
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
     def _emulator_bytes(self, node: int, level: float) -> int:

@@ -80,6 +80,14 @@ class DeviceRound:
     """Measured links (`devices.measure_links`): seconds from sending to its reply, and its
     link's effective throughput measured so far (None: not measured, the link figures price
     it)."""
+    priced_by: str = "link figures"
+    """What the cost model priced this round's transfers with: `measured` (the node's measured
+    throughput, from its earlier exchanges) or `link figures` (its configured or profiled
+    bandwidth, power and distance)."""
+
+    def priced_with(self, measured_bps: float) -> None:
+        """Note what priced this round: the throughput the node's profile carried (0: none)."""
+        self.priced_by = "measured" if measured_bps > 0 else "link figures"
 
     @classmethod
     def sent(

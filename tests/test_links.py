@@ -97,13 +97,18 @@ def test_a_federated_run_measures_each_nodes_link(
     from fedpeat.outputs import read_metrics
     from server_app.app import _run
 
-    cfg = compose(f"experiment=tiny rounds=1 devices.measure_links={measure}")
+    cfg = compose(f"experiment=tiny rounds=2 devices.measure_links={measure}")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     delays = {1000: 1.0, 1001: 2.0}  # simulated link seconds of the two devices
     _run(InProcessGrid(2, delay_s=delays.__getitem__), cfg, run_dir)
-    row = read_metrics(run_dir / "metrics.jsonl")[1]
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    row = rows[1]
     assert row["num_clients"] == 2
+    # Round 1 is priced by the link figures; round 2 by what round 1 measured, where measured.
+    assert {d["priced_by"] for d in row["devices"]} == {"link figures"}
+    later = "measured" if measure == "on" else "link figures"
+    assert {d["priced_by"] for d in rows[2]["devices"]} == {later}
     for dev in row["devices"]:
         if measure == "off":
             assert dev["link_bps"] is None and dev["round_trip_s"] is None
