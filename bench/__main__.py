@@ -34,6 +34,8 @@ def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
         "aggregation": [[*py, "bench.aggregation", *(["--reuse"] if reuse else [])]],
         # The shipped policy unchanged on 3, 6 and 20 devices and a second level list.
         "fleets": [[*py, "bench.fleets", *(["--reuse"] if reuse else [])]],
+        # Three partners on their own private files, TLS and node authentication, 2 rounds.
+        "deploy_private": [[*py, "bench.deploy_private"]],
         # Every controller on the whole system over 5 seeds (time to target, final test ppl).
         "control": [[*py, "bench.control", *(["--reuse"] if reuse else [])]],
     }

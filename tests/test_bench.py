@@ -314,3 +314,28 @@ def test_control_figures_intervals_and_verdict_by_hand() -> None:
     # A slower PPO misses and the table names who beat it.
     slow = summarise({"ppo": rnd, "random": ppo})
     assert not verdict(slow)["faster_than_all"] and not verdict(slow)["random_1.2x"]
+
+
+def test_deploy_private_summary_reads_each_partners_rounds() -> None:
+    from bench.deploy_private import markdown, summarise
+
+    dev = {"node": 7, "status": "ok", "examples": 40, "level": 0.2, "bits": 4, "rank": 16}
+    rows = [
+        {"round": 0, "plugin_ppl": 120.0, "bytes_down": 0, "bytes_up": 0},
+        {
+            "round": 1,
+            "plugin_ppl": 100.0,
+            "devices": [dev, {**dev, "node": 8, "examples": 30}],
+            "bytes_down": 3 * 2**20,
+            "bytes_up": 2**20,
+            "profiles": {
+                "7": {"data-size": 40, "private-data": True},
+                "8": {"data-size": 30, "private-data": True},
+            },
+        },
+    ]
+    s = summarise(rows, 12.0)
+    assert s["data_sizes"] == [30, 40] and s["private"] and s["rounds"][1]["mb"] == 4.0
+    text = markdown({**s, "machine": "m", "rounds_run": 1, "status": "finished:completed"})
+    assert "| 1 | 100.00 | ok (40 examples, keep 0.2, 4-bit); ok (30 examples" in text
+    assert "[30, 40] (all private: True)" in text
