@@ -39,13 +39,14 @@ from typing import Any
 
 from bench.common import machine, peak_rss_mb, reset_peak, rss_mb, table, write_json, write_md
 
-LEVELS = (0.75, 0.5, 0.25)
+LEVELS = (0.5, 0.4, 0.3, 0.2)  # the default emulator levels (conf/emulator), and 0.5
+BITS = (32, 8, 4)  # frozen-weight widths the planner offers on a CPU without native bf16
 FULL_FT_LR = 5.0e-5  # experiment=fed_ft's rate; memory does not depend on it
 PROFILED = ("full_lora", "keep0.5-4")
 
 
 def configs() -> list[str]:
-    return ["fed_ft", "flowertune", "full_lora"] + [f"keep{k}-{b}" for b in (16, 4) for k in LEVELS]
+    return ["fed_ft", "flowertune", "full_lora"] + [f"keep{k}-{b}" for b in BITS for k in LEVELS]
 
 
 def _model(name: str, cfg: Any, pkg_dir: Path) -> Any:
@@ -123,7 +124,9 @@ def measure(name: str, overrides: str, steps: int, pkg_dir: Path) -> dict[str, A
     train = replace(cfg.train, lr=FULL_FT_LR) if name == "fed_ft" else cfg.train
     pad = int(tok.pad_token_id)
     runtime = rss_mb()
+    reset_peak()  # the load's own peak: the package, the model before quantization, both
     model = _model(name, cfg, pkg_dir)
+    load_peak = peak_rss_mb()
     model_mb = rss_mb() - runtime
     slow = name.endswith("-16") and not fast_bf16(cpu)
     if not slow:  # optimizer states exist from the first step on
@@ -135,6 +138,7 @@ def measure(name: str, overrides: str, steps: int, pkg_dir: Path) -> dict[str, A
     out: dict[str, Any] = {
         "runtime_mb": runtime,
         "model_mb": model_mb,
+        "load_peak_mb": load_peak,
         "train_peak_mb": peak_rss_mb(),
         "tokens_per_s": result.tokens / seconds,
         "step_s": seconds / result.steps,
@@ -168,7 +172,7 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
         pkg = server.package(keep)
         save_package(pkg, pkg_dir / str(keep))
         (pkg_dir / f"{keep}.digest").write_text(pkg.digest)
-        for bits in (16, 4):
+        for bits in BITS:
             cb = compute_bits(bits, here, server.model_bits)
             est[f"keep{keep}-{bits}"] = server.memory_need_mb(keep, bits, compute_bits=cb) - runtime
     est["full_lora"] = server.memory_need_mb(None) - runtime
