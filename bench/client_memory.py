@@ -37,7 +37,16 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import machine, peak_rss_mb, reset_peak, rss_mb, table, write_json, write_md
+from bench.common import (
+    RESULTS,
+    machine,
+    peak_rss_mb,
+    reset_peak,
+    rss_mb,
+    table,
+    write_json,
+    write_md,
+)
 
 LEVELS = (0.5, 0.4, 0.3, 0.2)  # the default emulator levels (conf/emulator), and 0.5
 BITS = (32, 8, 4)  # frozen-weight widths the planner offers on a CPU without native bf16
@@ -157,7 +166,7 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
     import torch
 
     from fedpeat.config import DeviceProfile, compose
-    from fedpeat.cost import activation_bytes, logits_bytes
+    from fedpeat.cost import activation_bytes, load_memory_bytes, logits_bytes
     from fedpeat.emulator import save_package
     from fedpeat.quantization import fast_bf16
     from fedpeat.server_model import ServerModel
@@ -168,6 +177,7 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
     here = DeviceProfile(bf16=fast_bf16(torch.device("cpu")))
     runtime = cfg.planner.runtime_mb
     est: dict[str, float] = {}
+    load: dict[str, float] = {}
     for keep in LEVELS:
         pkg = server.package(keep)
         save_package(pkg, pkg_dir / str(keep))
@@ -175,6 +185,8 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
         for bits in BITS:
             cb = compute_bits(bits, here, server.model_bits)
             est[f"keep{keep}-{bits}"] = server.memory_need_mb(keep, bits, compute_bits=cb) - runtime
+            shape = server.emulator_shape(keep)
+            load[f"keep{keep}-{bits}"] = load_memory_bytes(shape, bits, cb) / 2**20
     est["full_lora"] = server.memory_need_mb(None) - runtime
     # Full fine-tuning: weights, gradients and AdamW's two moments (16 B per fp32 parameter)
     # plus the same activations and logits as a LoRA step.
@@ -182,7 +194,8 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
     est["fed_ft"] = (
         16 * shape.params + activation_bytes(shape, b, s) + logits_bytes(shape, b, s)
     ) / 2**20
-    return {"estimate_mb": est, "layers": {k: len(server.emulator(k).layers) for k in LEVELS}}
+    layers = {k: len(server.emulator(k).layers) for k in LEVELS}
+    return {"estimate_mb": est, "load_estimate_mb": load, "layers": layers}
 
 
 def _label(name: str, layers: dict[str, int]) -> str:
@@ -232,6 +245,24 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
         "tokens/s",
         "vs full model",
     ]
+    calibration = []
+    for name, r in rows.items():
+        net = r["train_peak_mb"] - r["runtime_mb"]
+        est = prep["estimate_mb"].get(name)
+        load_est = prep.get("load_estimate_mb", {}).get(name)
+        load = r.get("load_peak_mb", 0.0) - r["runtime_mb"]
+        if est:
+            calibration.append(
+                {
+                    "config": name,
+                    "train_mb": net,
+                    "estimate_mb": est,
+                    "train_ratio": net / est,
+                    "load_mb": load if load_est else None,
+                    "load_estimate_mb": load_est,
+                    "load_ratio": load / load_est if load_est else None,
+                }
+            )
     target = rows["keep0.5-4"]
     t_net = target["train_peak_mb"] - target["runtime_mb"]
     ratio = t_net / fed_net
@@ -247,6 +278,7 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
             "process_ratio": target["train_peak_mb"] / fed["train_peak_mb"],
         },
         "hot_spots": hot,
+        "calibration": calibration,
     }
 
 
@@ -272,6 +304,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     parser.add_argument("--overrides", default="")
     parser.add_argument("--only", default="", help="comma-separated configurations")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="report the measured rows of bench/results/client_memory.json against the current "
+        "estimates (no new measurement)",
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pkg-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -280,6 +318,9 @@ def main() -> None:
         return
     names = args.only.split(",") if args.only else configs()
     rows: dict[str, dict[str, Any]] = {}
+    if args.reuse:
+        rows = json.loads((RESULTS / "client_memory.json").read_text())["rows"]
+        names = []
     with tempfile.TemporaryDirectory() as tmp:
         prep = prepare(args.overrides, Path(tmp))
         for i, name in enumerate(names, 1):
@@ -310,6 +351,34 @@ def main() -> None:
             f"memory (limit 1/8 = 0.125): {'met' if t['met'] else 'missed'}; counting the "
             f"whole process (interpreter and libraries too) {t['process_ratio']:.2f}.",
             "",
+            "The device's memory check against measured peaks (`train - runtime` and the "
+            "load's peak over the runtime; the estimate is `fedpeat.cost`'s, the load estimate "
+            "`load_memory_bytes`; target 0.9-1.1):",
+            "",
+            table(
+                [
+                    "configuration",
+                    "train MB",
+                    "estimate MB",
+                    "ratio",
+                    "load MB",
+                    "load est. MB",
+                    "load ratio",
+                ],
+                [
+                    [
+                        c["config"],
+                        f"{c['train_mb']:.0f}",
+                        f"{c['estimate_mb']:.0f}",
+                        f"{c['train_ratio']:.2f}",
+                        "-" if c["load_mb"] is None else f"{c['load_mb']:.0f}",
+                        "-" if c["load_estimate_mb"] is None else f"{c['load_estimate_mb']:.0f}",
+                        "-" if c["load_ratio"] is None else f"{c['load_ratio']:.2f}",
+                    ]
+                    for c in rep["calibration"]
+                ],
+            ),
+            "",
             "Hot spots (self CPU time of one training step, top operators):",
             *_hot_lines(rep["hot_spots"]),
             "",
@@ -319,7 +388,14 @@ def main() -> None:
     write_md("client_memory.md", text)
     write_json(
         "client_memory.json",
-        {"machine": where, "rows": rows, **prep, "target": t, "hot_spots": rep["hot_spots"]},
+        {
+            "machine": where,
+            "rows": rows,
+            **prep,
+            "target": t,
+            "hot_spots": rep["hot_spots"],
+            "calibration": rep["calibration"],
+        },
     )
 
 

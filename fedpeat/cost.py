@@ -6,13 +6,25 @@ Memory of one local LoRA training step (the level chooser and the planner use it
                       (bitsandbytes quantizes the decoder's linear layers only; NF4 stores one
                       fp32 absmax per 64 weights, so 4-bit costs 4.5 bits; below the compute
                       width the largest matrix is also dequantized once per forward)
+  int8 backward       + n_linear bytes at 8 bits (bitsandbytes keeps a second int8 layout of
+                      each weight for the backward on CPU)
   adapter             n_adapter * 4 bytes * 4   (fp32 weights, grads, Adam m and v)
-  activations         layers * b * s * h * (34 + 5 * a * s / h) * act_bytes / 2
+  activations         1.2 * layers * b * s * h * (34 + 5 * a * s / h) * act_bytes / 2
                       (Korthikanti et al. 2022, per transformer layer, which counts 16-bit
-                      activations; we scale by act_bytes / 2 for the compute dtype)
-  logits              3 * b * s * vocab * 4 bytes  (fp32 logits, log-softmax and its gradient)
+                      activations; we scale by act_bytes / 2 for the compute dtype, and by 1.2
+                      for what PyTorch's eager autograd keeps beyond it)
+  logits              6 * b * s * vocab * 4 bytes  (fp32: the logits, the loss's log-softmax,
+                      their gradients and the copies around the cross-entropy alive at once)
   runtime             a fixed allowance for the framework (weights of other processes are not
                       counted; it is a per-process figure)
+
+Loading comes before training and can peak higher (`load_memory_bytes`): the wire package
+(fp16) and the model built from it at the compute width are both resident until the package is
+dropped; a model quantized on load peaks at 1.1x its compute-width weights.
+
+The factors (1.2, 6 copies, the int8 layout, the load peak) are calibrated on measured peaks of
+the default model, every level at 32, 8 and 4 bits (`python -m bench.client_memory`,
+`bench/results/client_memory.md`: measured / estimate within 0.9-1.1 for training and load).
 
 With LoRA the backward pass runs through every layer above the lowest adapter, so all layers'
 activations are kept: activations scale with the emulator's depth.
@@ -62,15 +74,21 @@ class ModelShape:
     """Elements of the largest such matrix (dequantized transiently in a quantized forward)."""
 
 
+ACTIVATION_FACTOR = 1.2
+"""Measured stored activations over Korthikanti et al.'s count (eager PyTorch autograd)."""
+LOGITS_COPIES = 6
+"""b x s x vocab fp32 tensors alive at once around the loss (measured)."""
+
+
 def activation_bytes(shape: ModelShape, batch: int, seq: int, act_bytes: int = 4) -> float:
     """Stored activations of one training step, all layers, in bytes."""
     per_layer = batch * seq * shape.hidden * (34 + 5 * shape.heads * seq / shape.hidden)
-    return shape.layers * per_layer * act_bytes / 2
+    return ACTIVATION_FACTOR * shape.layers * per_layer * act_bytes / 2
 
 
 def logits_bytes(shape: ModelShape, batch: int, seq: int) -> float:
-    """fp32 logits, their log-softmax and its gradient."""
-    return 3.0 * batch * seq * shape.vocab * 4
+    """fp32 logits, the loss's log-softmax, their gradients and the copies between them."""
+    return float(LOGITS_COPIES * batch * seq * shape.vocab * 4)
 
 
 NF4_BITS = 4.5  # 4 bits + one fp32 absmax per 64-weight block
@@ -101,7 +119,10 @@ def training_memory_bytes(
 
     `compute_bits` is the width of the unquantized weights (default `bits`: every weight at
     `bits`, the plain fp32 / bf16 model)."""
-    weights = weight_bytes(shape, bits, bits if compute_bits is None else compute_bits)
+    compute = bits if compute_bits is None else compute_bits
+    weights = weight_bytes(shape, bits, compute)
+    if bits == 8 and compute > 8:  # the int8 weights' second layout for the backward
+        weights += shape.linear_params
     adapter = adapter_params * 4 * 4
     return (
         weights
@@ -110,6 +131,16 @@ def training_memory_bytes(
         + logits_bytes(shape, batch, seq)
         + runtime_bytes
     )
+
+
+def load_memory_bytes(shape: ModelShape, bits: int, compute_bits: int = 32) -> float:
+    """Peak bytes while a device loads an emulator from its fp16 wire package: unquantized, the
+    package and the model at the compute width together; quantized on load (`bits` below the
+    compute width), 1.1x the compute-width model (the package is read layer by layer)."""
+    model = shape.params * compute_bits / 8
+    if bits < compute_bits:
+        return 1.1 * model
+    return model + shape.params * 2
 
 
 def choose_level(

@@ -18,7 +18,7 @@ import torch
 from peft import PeftModel
 
 from fedpeat.config import AdapterConfig, Config
-from fedpeat.cost import MiB, ModelShape, training_memory_bytes
+from fedpeat.cost import MiB, ModelShape, load_memory_bytes, training_memory_bytes
 from fedpeat.data import encode, eval_prompts, server_data, server_train_data
 from fedpeat.emulator import (
     Emulator,
@@ -440,6 +440,8 @@ class ServerModel:
             act_bytes=compute_bits // 8,
             compute_bits=compute_bits,
         )
+        if level is not None:  # a device loads its emulator first, which can peak higher
+            need = max(need, load_memory_bytes(shape, bits, compute_bits))
         return need / MiB + self.cfg.planner.runtime_mb
 
     @contextmanager
