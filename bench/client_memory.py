@@ -186,7 +186,7 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
             cb = compute_bits(bits, here, server.model_bits)
             est[f"keep{keep}-{bits}"] = server.memory_need_mb(keep, bits, compute_bits=cb) - runtime
             shape = server.emulator_shape(keep)
-            load[f"keep{keep}-{bits}"] = load_memory_bytes(shape, bits, cb) / 2**20
+            load[f"keep{keep}-{bits}"] = load_memory_bytes(shape, cb) / 2**20
     est["full_lora"] = server.memory_need_mb(None) - runtime
     # Full fine-tuning: weights, gradients and AdamW's two moments (16 B per fp32 parameter)
     # plus the same activations and logits as a LoRA step.

@@ -441,7 +441,7 @@ class ServerModel:
             compute_bits=compute_bits,
         )
         if level is not None:  # a device loads its emulator first, which can peak higher
-            need = max(need, load_memory_bytes(shape, bits, compute_bits))
+            need = max(need, load_memory_bytes(shape, compute_bits))
         return need / MiB + self.cfg.planner.runtime_mb
 
     @contextmanager
