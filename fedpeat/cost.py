@@ -19,7 +19,7 @@ Memory of one local LoRA training step (the level chooser and the planner use it
                       counted; it is a per-process figure)
 
 Loading comes before training and can peak higher (`load_memory_bytes`): the wire package
-(fp16) and the model built from it at the compute width are both resident (x 1.05) until the
+(fp16) and the model built from it at the compute width are both resident (x 1.1) until the
 package is dropped; quantization comes after, on the built model.
 
 The factors (1.2, 6 copies, the int8 layout, 1.1 on load) are calibrated on measured peaks of

@@ -12,6 +12,7 @@ from fedpeat.cost import (
     ModelShape,
     activation_bytes,
     compute_s,
+    load_memory_bytes,
     logits_bytes,
     path_loss_db,
     rate_bps,
@@ -29,16 +30,23 @@ QUANT_SHAPE = ModelShape(
 
 
 def test_memory_estimate_by_hand() -> None:
-    # activations: 2 layers * (1*2*4) tokens*hidden * (34 + 5*2*2/4 = 39) * 4 bytes / 2 = 1248
-    assert activation_bytes(SHAPE, batch=1, seq=2) == 1248
-    # logits: 3 * 1 * 2 * 10 * 4 bytes = 240
-    assert logits_bytes(SHAPE, batch=1, seq=2) == 240
-    # weights 1000 * 4 + adapter 100 * 16 + 1248 + 240
-    assert training_memory_bytes(SHAPE, 100, batch=1, seq=2) == 7088
+    # activations: 1.2 * 2 layers * (1*2*4) tokens*hidden * (34 + 5*2*2/4 = 39) * 4 bytes / 2
+    # = 1.2 * 1248 = 1497.6
+    assert activation_bytes(SHAPE, batch=1, seq=2) == pytest.approx(1497.6)
+    # logits: 6 * 1 * 2 * 10 * 4 bytes = 480
+    assert logits_bytes(SHAPE, batch=1, seq=2) == 480
+    # weights 1000 * 4 + adapter 100 * 16 + 1497.6 + 480
+    assert training_memory_bytes(SHAPE, 100, batch=1, seq=2) == pytest.approx(7577.6)
     # 4-bit frozen weights: 1000 * 0.5 bytes
-    assert training_memory_bytes(SHAPE, 100, batch=1, seq=2, bits=4) == 3588
+    assert training_memory_bytes(SHAPE, 100, batch=1, seq=2, bits=4) == pytest.approx(4077.6)
     # fp16 activations halve that term
-    assert activation_bytes(SHAPE, batch=1, seq=2, act_bytes=2) == 624
+    assert activation_bytes(SHAPE, batch=1, seq=2, act_bytes=2) == pytest.approx(748.8)
+
+
+def test_load_peak_by_hand() -> None:
+    # The fp16 package (1000 * 2) and the model at the compute width, x 1.1.
+    assert load_memory_bytes(SHAPE, 32) == pytest.approx(1.1 * (4000 + 2000))
+    assert load_memory_bytes(SHAPE, 16) == pytest.approx(1.1 * (2000 + 2000))
 
 
 def test_fewer_layers_need_less_memory() -> None:
@@ -58,10 +66,14 @@ def test_quantized_weight_bytes_by_hand() -> None:
 
 
 def test_training_memory_uses_the_compute_width_for_the_unquantized_rest() -> None:
-    # weights 1050 + adapter 100 * 16 + activations (1248 at 4 bytes -> 624 at 2) + logits 240
-    assert training_memory_bytes(QUANT_SHAPE, 100, 1, 2, bits=4, act_bytes=2, compute_bits=16) == (
-        1050 + 1600 + 624 + 240
-    )
+    # weights 1050 + adapter 100 * 16 + activations (1497.6 at 4 bytes -> 748.8 at 2) + logits
+    assert training_memory_bytes(
+        QUANT_SHAPE, 100, 1, 2, bits=4, act_bytes=2, compute_bits=16
+    ) == pytest.approx(1050 + 1600 + 748.8 + 480)
+    # int8 keeps a second layout of its 800 linear weights (1 byte each) for the backward.
+    assert training_memory_bytes(
+        QUANT_SHAPE, 100, 1, 2, bits=8, act_bytes=2, compute_bits=16
+    ) == pytest.approx(1400 + 800 + 1600 + 748.8 + 480)
 
 
 def test_shannon_rate_by_hand() -> None:

@@ -116,7 +116,7 @@ def test_a_to_b_to_a_in_a_federated_run(
     script = iter([[1, 1], [2, 2], [1, 1]])
     monkeypatch.setattr(RandomController, "act", lambda self, s: next(script))
     profiles = " ".join(
-        f"devices.profiles.{i}.memory_mb=170 devices.profiles.{i}.disk_mb={disk_mb}"
+        f"devices.profiles.{i}.memory_mb=400 devices.profiles.{i}.disk_mb={disk_mb}"
         for i in range(2)
     )
     cfg = compose(f"experiment=tiny controller=random rounds=3 {profiles}")

@@ -403,8 +403,8 @@ def _planner_cfg(*extra: str):
 
 
 TIERS = (
-    "devices.profiles=[{name:big,memory_mb:190},{name:mid,memory_mb:157},"
-    "{name:small,memory_mb:100},{name:watch,memory_mb:30}]"
+    "devices.profiles=[{name:big,memory_mb:320},{name:mid,memory_mb:301},"
+    "{name:small,memory_mb:200},{name:watch,memory_mb:30}]"
 )
 
 
@@ -432,7 +432,7 @@ def test_planned_run_gives_devices_different_plans(
         assert len({d["rank"] for d in devices}) >= 2
         assert all(d["modules"] and d["est_memory_mb"] for d in devices)
         # every plan fits its own device's budget (partition i has profile i of TIERS)
-        budgets = [190.0, 157.0, 100.0, 30.0]
+        budgets = [320.0, 301.0, 200.0, 30.0]
         assert all(d["est_memory_mb"] <= budgets[d["partition"]] for d in devices)
         (skip,) = row["skipped"]
         assert skip["reason"].startswith("memory budget 30 MB <")
