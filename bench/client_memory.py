@@ -206,7 +206,7 @@ def _label(name: str, layers: dict[str, int]) -> str:
     if name == "full_lora":
         return "full model fp32 + FedPEAT's LoRA"
     keep, bits = name.removeprefix("keep").split("-")
-    kind = "bf16" if bits == "16" else "NF4"
+    kind = {"32": "fp32", "16": "bf16", "8": "int8", "4": "NF4"}[bits]
     return f"FedPEAT emulator keep {keep} ({layers[keep]} layers), {bits}-bit {kind}"
 
 
