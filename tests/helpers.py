@@ -146,3 +146,22 @@ def hand_env():  # type: ignore[no-untyped-def]
         ppl_full=100.0,
     )
     return EdgeEnv(profiles, levels, cfg, data_shares=[0.25, 0.75])
+
+
+def pids_under(flwr_home: object, *needles: str) -> list[int]:
+    """Live processes started under `flwr_home` (their FLWR_HOME) whose command line holds
+    every one of `needles`."""
+    from pathlib import Path
+
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            env = (entry / "environ").read_bytes().split(b"\0")
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if f"FLWR_HOME={flwr_home}".encode() in env and all(n.encode() in cmd for n in needles):
+            found.append(int(entry.name))
+    return found

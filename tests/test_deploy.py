@@ -10,6 +10,7 @@ import pytest
 from fedpeat.cli.certs import make_credentials
 from fedpeat.cli.deploy import deploy, deployment_overrides, node_configs
 from fedpeat.cli.flower import marked_pids
+from tests.helpers import pids_under
 
 
 def test_node_configs_assign_partitions_and_keep_the_users_figures() -> None:
@@ -180,26 +181,6 @@ def test_superlink_refuses_a_supernode_whose_key_is_not_registered(tmp_path):
     assert marked_pids(marker) == []
 
 
-def _supernode_pids(flwr_home, partition: int) -> list[int]:
-    """The SuperNode processes of one partition started under `flwr_home`."""
-    from pathlib import Path
-
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            cmd = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        named = any(c.endswith(b"flower-supernode") for c in cmd)
-        mine = f"FLWR_HOME={flwr_home}".encode() in env
-        if named and mine and f"partition-id={partition}".encode() in b" ".join(cmd):
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.slow
 def test_a_killed_supernode_restarts_rejoins_and_is_not_sent_its_emulator_again(tmp_path):
     import os
@@ -230,7 +211,7 @@ def test_a_killed_supernode_restarts_rejoins_and_is_not_sent_its_emulator_again(
     while not killed and time.monotonic() < deadline and runner.is_alive():
         for metrics in (tmp_path / "runs").glob("*/metrics.jsonl"):
             if len(metrics.read_text().splitlines()) >= 2:  # round 1 is done: round 2 begins
-                killed = _supernode_pids(home, 1)
+                killed = pids_under(home, "flower-supernode", "partition-id=1")
         time.sleep(0.1)
     assert killed, "round 1 never finished, or node 1's SuperNode was not found"
     for pid in killed:

@@ -12,6 +12,7 @@ import pytest
 
 from fedpeat.cli.flower import marked_pids
 from fedpeat.cli.launch import launch
+from tests.helpers import pids_under
 
 
 def _check_run(outcome, rounds: int) -> list[dict]:
@@ -213,22 +214,6 @@ def test_a_resumed_run_is_found_in_the_directory_it_continues(tmp_path) -> None:
     assert outcome_of(222, "finished:completed", tmp_path / "runs", "m").run_dir is None
 
 
-def _pids_of(flwr_home: Path, name: str) -> list[int]:
-    """Live processes started under `flwr_home` whose command line names `name`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-            cmd = (entry / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if f"FLWR_HOME={flwr_home}".encode() in env and name.encode() in cmd:
-            found.append(int(entry.name))
-    return found
-
-
 @pytest.mark.slow
 def test_a_server_killed_under_flwr_run_resumes_to_the_uninterrupted_result(
     tmp_path, monkeypatch
@@ -266,7 +251,7 @@ def test_a_server_killed_under_flwr_run_resumes_to_the_uninterrupted_result(
                 killed = ckpt.parent
         time.sleep(0.05)
     assert killed is not None, "the run finished or died before round 2 was checkpointed"
-    for pid in _pids_of(home, "flwr-simulation"):  # the ServerApp runs in this process
+    for pid in pids_under(home, "flwr-simulation"):  # the ServerApp runs in this process
         os.kill(pid, signal.SIGKILL)
     runner.join()
     assert not out["first"].ok and not (killed / "summary.json").exists()
