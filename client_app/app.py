@@ -135,15 +135,10 @@ def train(msg: Message, context: Context) -> Message:
     plan, partition_id, num_partitions, state = _inputs(msg, context)
     _store_emulator(msg, plan, context)
     check_budget(plan, context.node_config)
-    new_state, result, num_examples = device_train(
-        plan,
-        partition_id,
-        num_partitions,
-        state,
-        _node_key(context),
-        _residual(msg),
-        _data_path(context),
-    )
+    args = (partition_id, num_partitions, state, _node_key(context), _residual(msg))
+    # The received adapter's figure first, on the same loaded emulator: no second exchange.
+    received = device_evaluate(plan, *args, _data_path(context))[0] if plan.evaluate_first else None
+    new_state, result, num_examples = device_train(plan, *args, _data_path(context))
     if plan.clipping_norm > 0:  # client-side DP: the unclipped update never leaves the device
         new_state = clip_update(new_state, state, plan.clipping_norm)
     metrics = MetricRecord(
@@ -154,6 +149,15 @@ def train(msg: Message, context: Context) -> Message:
             "train_tokens": result.tokens,
             "peak_mem_mb": result.peak_mem_mb,
             "handler_s": time.perf_counter() - began,
+            **(
+                {
+                    "received_eval_loss": received.loss,
+                    "received_eval_tokens": received.tokens,
+                    "received_eval_s": received.seconds,
+                }
+                if received is not None
+                else {}
+            ),
         }
     )
     arrays = ArrayRecord(array_dict={k: Array(v) for k, v in new_state.items()})
@@ -167,15 +171,8 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     began = time.perf_counter()
     plan, partition_id, num_partitions, state = _inputs(msg, context)
-    result, num_examples = device_evaluate(
-        plan,
-        partition_id,
-        num_partitions,
-        state,
-        _node_key(context),
-        _residual(msg),
-        _data_path(context),
-    )
+    args = (partition_id, num_partitions, state, _node_key(context), _residual(msg))
+    result, num_examples = device_evaluate(plan, *args, _data_path(context))
     metrics = MetricRecord(
         {
             "num-examples": num_examples,

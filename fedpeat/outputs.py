@@ -95,6 +95,12 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], out_dir: Path) -> list[Path]
     ]
     ax.plot(rounds, ppl, "o-", label="plug-in (server held-out)")
     dev = [(r["round"], r["emulator_ppl"]) for r in rows if r.get("emulator_ppl") is not None]
+    # Measured before training: round r's figure is round r - 1's adapter.
+    dev = dev or [
+        (r["round"] - 1, r["received_emulator_ppl"])
+        for r in rows
+        if r.get("received_emulator_ppl") is not None
+    ]
     if dev:
         ax.plot(*zip(*dev, strict=True), "s--", label="emulator (devices' held-out)")
     ax.set_xlabel("round")

@@ -139,6 +139,9 @@ class Plan:
     disk-mb wins on the device. 0: it keeps only the emulator in use."""
     clipping_norm: float = 0.0
     """privacy.clipping=client: clip the update to this L2 norm before replying; 0: do not."""
+    evaluate_first: bool = False
+    """Evaluate the received adapter on the held-out split before training and reply with the
+    figure (`strategy.evaluate_received`)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

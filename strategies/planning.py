@@ -398,6 +398,7 @@ def build_plan(
         budget_mb=budget,
         disk_mb=profile.disk_mb if profile is not None else 0.0,
         clipping_norm=clipping_norm,
+        evaluate_first=cfg.strategy.evaluate_received,
     )
 
 

@@ -65,6 +65,10 @@ class DeviceRound:
     handler_s: float | None = None
     """Seconds in the ClientApp's train handler (loading the emulator, training, packing)."""
     peak_mem_mb: float | None = None
+    received_loss: float | None = None
+    received_tokens: float | None = None
+    """`strategy.evaluate_received`: the device's held-out NLL per token (and tokens) of the
+    adapter it received, measured on its emulator before training."""
     status: str = "sent"
     rank: int = 0
     batch: int = 0
@@ -160,6 +164,25 @@ class RoundStats:
             dev.train_s = finite(metrics.get("train_s"))
             dev.handler_s = finite(metrics.get("handler_s"))
             dev.peak_mem_mb = finite(metrics.get("peak_mem_mb"))
+            loss, tokens = (
+                finite(metrics.get("received_eval_loss")),
+                finite(metrics.get("received_eval_tokens")),
+            )
+            if loss is not None and tokens is not None and tokens > 0:
+                dev.received_loss, dev.received_tokens = loss, tokens
+
+    def received_emulator_ppl(self) -> float | None:
+        """The devices' perplexity of the adapter they received this round (the previous
+        round's global adapter) on their emulators: token NLL pooled over the devices that
+        trained validly, exponentiated; None when none measured it."""
+        pairs = [
+            (d.received_loss, d.received_tokens)
+            for d in self.devices.values()
+            if d.status == "ok" and d.received_loss is not None and d.received_tokens
+        ]
+        if not pairs:
+            return None
+        return float(np.exp(weighted_mean([p[0] for p in pairs], [p[1] for p in pairs])))
 
     def pool_evaluations(self, replies: Iterable[Message]) -> float | None:
         """The devices' evaluate replies: bytes, handler seconds, and the emulator perplexity
@@ -193,6 +216,7 @@ class RoundStats:
             "train_loss": self.train_loss,
             "server_train_loss": self.server_train_loss,
             "emulator_ppl": self.emulator_ppl,
+            "received_emulator_ppl": self.received_emulator_ppl(),
             "truncation_error": self.truncation_error,
             "action": {str(n): lv for n, lv in self.action.items()},
             "latency_s": self.latency_s,

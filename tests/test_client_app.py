@@ -87,6 +87,29 @@ def test_client_evaluate_reports_perplexity(tiny_cfg, server) -> None:
     assert metrics["eval_tokens"] > 0
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_train_reply_carries_the_received_adapters_figure(
+    tiny_cfg, server, first, tmp_path, monkeypatch
+) -> None:
+    """`evaluate_first`: the train reply carries the perplexity of the adapter it received, the
+    figure an evaluate exchange gives for that adapter; without it, no such figure."""
+    monkeypatch.setenv("FEDPEAT_DEVICE_CACHE_DIR", str(tmp_path))
+    plan, emulator = _plan(tiny_cfg, server, 0.5)
+    plan.evaluate_first = first
+    state = {k: v + 0.01 for k, v in server.initial_state.items()}  # B != 0: a trained adapter
+    ctx = context(partition_id=1, num_partitions=3)
+    train = client_app(server_message(MessageType.TRAIN, state, plan.to_json(), emulator), ctx)
+    metrics = train.content.metric_records[METRICS_KEY]
+    if not first:
+        assert "received_eval_loss" not in metrics
+        return
+    ev = client_app(server_message(MessageType.EVALUATE, state, plan.to_json()), ctx)
+    expected = ev.content.metric_records[METRICS_KEY]
+    assert metrics["received_eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5)
+    assert metrics["received_eval_tokens"] == expected["eval_tokens"] > 0
+    assert 0 < metrics["received_eval_s"] < metrics["handler_s"]
+
+
 def test_client_without_partition_config_errors(tiny_cfg, server) -> None:
     plan, _ = _plan(tiny_cfg, server)
     msg = server_message(MessageType.TRAIN, server.initial_state, plan.to_json())

@@ -61,7 +61,7 @@ def test_tiny_run_under_flwr_run(tmp_path, tiny_cfg) -> None:
     assert (
         rows[1]["exchanges"] == 3 and rows[2]["exchanges"] == 0 and rows[2]["emulator_bytes"] == 0
     )
-    assert all(r["emulator_ppl"] is not None for r in rows[1:])
+    assert all(r["received_emulator_ppl"] is not None for r in rows[1:])
     assert all(d["bytes_down"] > 0 and d["bytes_up"] > 0 for d in rows[1]["devices"])
     # SuperLink, SuperExec, the simulation and Ray all carried the launch's marker: none is left.
     assert marked_pids(outcome.marker) == []

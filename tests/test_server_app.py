@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Message, MessageType
 
 import fedpeat.device as dev
 from bench.inprocess import InProcessGrid
@@ -118,8 +118,30 @@ def test_no_dropped_layer_ever_leaves_the_server(
     assert all(not d["emulator_sent"] for r in rows[2:] for d in r["devices"])
     levels = sorted(d["level"] for d in rows[1]["devices"])
     assert levels == [0.2, 0.4, 0.4]  # budgets 316, 311, 316 MB (experiment/tiny.yaml)
-    assert all(r["emulator_ppl"] is not None for r in rows[1:])
+    # One exchange a round: the devices evaluated the adapter they received inside training.
+    assert all(r["received_emulator_ppl"] is not None for r in rows[1:])
+    assert not any(m.metadata.message_type == MessageType.EVALUATE for m in grid.sent)
+    assert all(r["emulator_ppl"] is None for r in rows[1:])
     assert rows[-1]["plugin_ppl"] < rows[0]["plugin_ppl"]
+
+
+def test_received_figure_is_the_previous_rounds_evaluation(
+    tmp_path, server_identity, device_disks
+) -> None:
+    """With the second exchange on as well, the figure a device measures before training in
+    round 2 is the one it measured on the same adapter after round 1: the same emulator, data
+    and adapter, only measured one exchange later."""
+    cfg = compose("experiment=tiny strategy.fraction_evaluate=1")
+    grid = InProcessGrid(3)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _run(grid, cfg, run_dir)
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    assert rows[1]["emulator_ppl"] is not None and rows[2]["received_emulator_ppl"] is not None
+    assert rows[2]["received_emulator_ppl"] == pytest.approx(rows[1]["emulator_ppl"], rel=1e-4)
+    # Round 1's devices received the initial adapter (B = 0): the base emulators' perplexity.
+    assert rows[1]["received_emulator_ppl"] != pytest.approx(rows[1]["emulator_ppl"], rel=1e-3)
+    assert sum(m.metadata.message_type == MessageType.EVALUATE for m in grid.sent) == 6
 
 
 def _layers_of(state: dict[str, np.ndarray]) -> set[int]:

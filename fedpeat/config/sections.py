@@ -399,9 +399,15 @@ class StrategyConfig:
     truncation (download grows to the server rank; upload stays at the device's rank)."""
     fraction_train: float = 1.0
     """Share of connected devices sampled each round."""
-    fraction_evaluate: float = 1.0
+    fraction_evaluate: float = 0.0
     """Share of the devices that trained in a round that then evaluate the new global adapter
-    on their emulator and held-out split (emulator_ppl)."""
+    on their emulator and held-out split in a second exchange (emulator_ppl); 0: no second
+    exchange (`evaluate_received` measures the same adapter one round later, for free)."""
+    evaluate_received: bool = True
+    """Each training device first evaluates the global adapter it received, on its emulator
+    and held-out split, and the train reply carries the figure (received_emulator_ppl: the
+    previous round's adapter as the devices see it). The emulator is loaded once for both, so
+    a round needs one exchange, not two."""
     min_nodes: int = 2
     """Wait until this many devices are connected before the first round."""
     round_timeout_s: float = 1800.0
