@@ -192,7 +192,9 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
     # plus the same activations and logits as a LoRA step.
     shape, b, s = server.full_shape, cfg.train.batch_size, cfg.data.max_length
     est["fed_ft"] = (
-        16 * shape.params + activation_bytes(shape, b, s) + logits_bytes(shape, b, s)
+        16 * shape.params
+        + activation_bytes(shape, b, s)
+        + logits_bytes(shape, b, s, cfg.train.loss_chunk)
     ) / 2**20
     layers = {k: len(server.emulator(k).layers) for k in LEVELS}
     return {"estimate_mb": est, "load_estimate_mb": load, "layers": layers}

@@ -86,9 +86,11 @@ def activation_bytes(shape: ModelShape, batch: int, seq: int, act_bytes: int = 4
     return ACTIVATION_FACTOR * shape.layers * per_layer * act_bytes / 2
 
 
-def logits_bytes(shape: ModelShape, batch: int, seq: int) -> float:
-    """fp32 logits, the loss's log-softmax, their gradients and the copies between them."""
-    return float(LOGITS_COPIES * batch * seq * shape.vocab * 4)
+def logits_bytes(shape: ModelShape, batch: int, seq: int, chunk: int = 0) -> float:
+    """fp32 logits, the loss's log-softmax, their gradients and the copies between them, for
+    every position, or for `chunk` positions at a time (`train.loss_chunk`)."""
+    rows = batch * seq if chunk <= 0 else min(batch * seq, chunk)
+    return float(LOGITS_COPIES * rows * shape.vocab * 4)
 
 
 NF4_BITS = 4.5  # 4 bits + one fp32 absmax per 64-weight block
@@ -114,11 +116,13 @@ def training_memory_bytes(
     act_bytes: int = 4,
     runtime_bytes: float = 0.0,
     compute_bits: int | None = None,
+    loss_chunk: int = 0,
 ) -> float:
     """Estimated peak bytes of one LoRA training step (see the module docstring).
 
     `compute_bits` is the width of the unquantized weights (default `bits`: every weight at
-    `bits`, the plain fp32 / bf16 model)."""
+    `bits`, the plain fp32 / bf16 model); `loss_chunk` the positions whose logits exist at once
+    (0: all)."""
     compute = bits if compute_bits is None else compute_bits
     weights = weight_bytes(shape, bits, compute)
     if bits == 8 and compute > 8:  # the int8 weights' second layout for the backward
@@ -128,7 +132,7 @@ def training_memory_bytes(
         weights
         + adapter
         + activation_bytes(shape, batch, seq, act_bytes)
-        + logits_bytes(shape, batch, seq)
+        + logits_bytes(shape, batch, seq, loss_chunk)
         + runtime_bytes
     )
 

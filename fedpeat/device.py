@@ -301,15 +301,16 @@ def device_evaluate(
     if plan.full_finetune:
         full = trainable_full_model(plan.model, device)
         set_full_state(full, state)
-        return evaluate_ppl(full, test_data, plan.train.eval_batch_size, pad_id, device), len(
-            test_data
-        )
+        t = plan.train
+        result = evaluate_ppl(full, test_data, t.eval_batch_size, pad_id, device, t.loss_chunk)
+        return result, len(test_data)
     model, layers = _emulator_model(plan, node_key, device)
     if layers:  # the whole global adapter; under `emulator.adapt=held` this emulator's part
         state = to_emulator_keys(keys_on_layers(state, layers), layers)
     set_adapter_state(model, state)
     with frozen_residual(model, _mapped(residual, layers)):
-        result = evaluate_ppl(model, test_data, plan.train.eval_batch_size, pad_id, device)
+        t = plan.train
+        result = evaluate_ppl(model, test_data, t.eval_batch_size, pad_id, device, t.loss_chunk)
     return result, len(test_data)
 
 

@@ -242,11 +242,12 @@ class ServerModel:
     def _split(self, split: str) -> list[Any]:
         return self.held_out if split == "validation" else self.test_set
 
+    def _ppl(self, model: torch.nn.Module, split: str) -> EvalResult:
+        t, data = self.cfg.train, self._split(split)
+        return evaluate_ppl(model, data, t.eval_batch_size, self.pad_id, self.device, t.loss_chunk)
+
     def evaluate(self, state: AdapterState, split: str = "validation") -> EvalResult:
-        model = self._load(state)
-        return evaluate_ppl(
-            model, self._split(split), self.cfg.train.eval_batch_size, self.pad_id, self.device
-        )
+        return self._ppl(self._load(state), split)
 
     def generate(self, model: torch.nn.Module, prompts: list[str]) -> list[str]:
         """Greedy generations of `model` for `prompts` (text), decoded and stripped."""
@@ -439,6 +440,7 @@ class ServerModel:
             bits,
             act_bytes=compute_bits // 8,
             compute_bits=compute_bits,
+            loss_chunk=self.cfg.train.loss_chunk,
         )
         if level is not None:  # a device loads its emulator first, which can peak higher
             need = max(need, load_memory_bytes(shape, compute_bits))
@@ -471,9 +473,7 @@ class ServerModel:
     ) -> EvalResult:
         """Perplexity of the emulator (+ adapter `state`) on the server's held-out data."""
         with self._emulator_with(level, state) as model:
-            return evaluate_ppl(
-                model, self._split(split), self.cfg.train.eval_batch_size, self.pad_id, self.device
-            )
+            return self._ppl(model, split)
 
     def save_merged(self, state: AdapterState, directory: str) -> None:
         """Write the full model with `state` merged into its weights, plus the tokenizer: a

@@ -8,12 +8,14 @@ import resource
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from fedpeat.config import TrainConfig
 from fedpeat.data import Encoded
@@ -94,6 +96,60 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """(decoder, LM head) of a causal LM, PEFT-wrapped or not, whose logits are the head applied
+    to the decoder's last hidden state; None where the model does more (soft-capping, a logit
+    scale) or does not split so: the model's own forward computes its logits then."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(lm, "config", None)
+    if config is None or getattr(config, "final_logit_softcapping", None):
+        return None
+    if getattr(config, "logit_scale", None) not in (None, 1.0):
+        return None
+    decoder = getattr(lm, "base_model", None)  # transformers: the decoder under the head
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    if decoder is None or decoder is lm or head is None:
+        return None
+    return decoder, head
+
+
+def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), targets, reduction="none")
+
+
+def token_nll(model: Any, batch: dict[str, torch.Tensor], chunk: int = 0) -> torch.Tensor:
+    """Next-token NLL (nats) at every position, (batch, length - 1), 0 where `labels[:, 1:]` is
+    -100. With `chunk` > 0 the LM head runs over the scored positions only, `chunk` at a time,
+    each chunk recomputed in the backward (activation checkpointing): the (batch, length,
+    vocabulary) fp32 logits, their log-softmax and gradients never exist, only one chunk's."""
+    labels = batch["labels"][:, 1:]
+    scored = labels != -100
+    parts = _decoder_and_head(model) if chunk > 0 else None
+    if parts is None:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        logits = out.logits[:, :-1].float()
+        return (
+            F.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none"
+            ).view(labels.shape)
+            * scored
+        )
+    decoder, head = parts
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
+    h, y = hidden[:, :-1][scored], labels[scored]
+    pieces = []
+    for start in range(0, len(y), chunk):
+        hs, ys = h[start : start + chunk], y[start : start + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(partial(_chunk_nll, head), hs, ys, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(head, hs, ys))
+    nll = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
+    if pieces:
+        nll = nll.masked_scatter(scored, torch.cat(pieces))
+    return nll
+
+
 def local_train(
     model: torch.nn.Module,
     data: Sequence[Encoded],
@@ -127,13 +183,14 @@ def local_train(
             order += rng.permutation(len(data)).tolist()
         idx, order = order[: cfg.batch_size], order[cfg.batch_size :]
         batch = {k: v.to(device) for k, v in collate([data[i] for i in idx], pad_id).items()}
-        out = model(**batch)
+        scored = int((batch["labels"][:, 1:] != -100).sum())
+        loss = token_nll(model, batch, cfg.loss_chunk).sum() / max(scored, 1)
         optim.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optim.step()
-        losses.append(float(out.loss.detach()))
-        tokens += int((batch["labels"][:, 1:] != -100).sum())
+        losses.append(float(loss.detach()))
+        tokens += scored
         examples += len(idx)
     model.eval()
     return TrainResult(
@@ -153,8 +210,10 @@ def evaluate_ppl(
     batch_size: int,
     pad_id: int,
     device: torch.device,
+    loss_chunk: int = 0,
 ) -> EvalResult:
-    """Token-level perplexity: exp(sum of NLL / number of predicted tokens)."""
+    """Token-level perplexity: exp(sum of NLL / number of predicted tokens); `loss_chunk` as
+    in `token_nll`."""
     if not data:
         raise ValueError("no evaluation samples")
     model.eval()
@@ -163,17 +222,8 @@ def evaluate_ppl(
     start = time.perf_counter()
     for chunk in batches(data, batch_size):
         batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch["labels"][:, 1:]
-        token_nll = F.cross_entropy(
-            shift_logits.reshape(-1, shift_logits.size(-1)),
-            shift_labels.reshape(-1),
-            ignore_index=-100,
-            reduction="none",
-        ).view(shift_labels.shape)
-        sample_nll += token_nll.sum(1).tolist()
-        sample_tokens += (shift_labels != -100).sum(1).tolist()
+        sample_nll += token_nll(model, batch, loss_chunk).sum(1).tolist()
+        sample_tokens += (batch["labels"][:, 1:] != -100).sum(1).tolist()
     count = sum(sample_tokens)
     loss = sum(sample_nll) / max(count, 1)
     return EvalResult(

@@ -35,6 +35,10 @@ def test_memory_estimate_by_hand() -> None:
     assert activation_bytes(SHAPE, batch=1, seq=2) == pytest.approx(1497.6)
     # logits: 6 * 1 * 2 * 10 * 4 bytes = 480
     assert logits_bytes(SHAPE, batch=1, seq=2) == 480
+    # in chunks of one position: 6 * 1 * 10 * 4 = 240; a chunk beyond the batch changes nothing
+    assert logits_bytes(SHAPE, batch=1, seq=2, chunk=1) == 240
+    assert logits_bytes(SHAPE, batch=1, seq=2, chunk=64) == 480
+    assert training_memory_bytes(SHAPE, 100, 1, 2, loss_chunk=1) == pytest.approx(7577.6 - 240)
     # weights 1000 * 4 + adapter 100 * 16 + 1497.6 + 480
     assert training_memory_bytes(SHAPE, 100, batch=1, seq=2) == pytest.approx(7577.6)
     # 4-bit frozen weights: 1000 * 0.5 bytes

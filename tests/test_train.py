@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from fedpeat.data import encode
-from fedpeat.train import collate, evaluate_ppl, local_train
+from fedpeat.train import _decoder_and_head, collate, evaluate_ppl, local_train, token_nll
 
 CPU = torch.device("cpu")
 
@@ -43,8 +43,9 @@ def test_local_training_lowers_the_loss_and_touches_only_the_adapter(
             assert torch.equal(v, base_before[k]), k
 
 
-def test_perplexity_matches_a_hand_computation(lora, data, tokenizer) -> None:
-    res = evaluate_ppl(lora, data, 3, tokenizer.pad_token_id, CPU)
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_perplexity_matches_a_hand_computation(lora, data, tokenizer, chunk) -> None:
+    res = evaluate_ppl(lora, data, 3, tokenizer.pad_token_id, CPU, chunk)
     batch = collate(data, tokenizer.pad_token_id)
     with torch.no_grad():
         logits = lora(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -55,3 +56,77 @@ def test_perplexity_matches_a_hand_computation(lora, data, tokenizer) -> None:
     assert res.tokens == int(mask.sum())
     assert res.loss == pytest.approx(float(nll.mean()), rel=1e-5)
     assert res.ppl == pytest.approx(math.exp(float(nll.mean())), rel=1e-5)
+
+
+def _mixed_batch(tokenizer) -> dict[str, torch.Tensor]:
+    """Rows of different lengths (padding) and a prompt whose positions are not scored."""
+    data = encode(
+        [
+            {"prompt": "name[Aromi] food[Chinese]", "response": "Aromi serves Chinese food."},
+            {"prompt": "", "response": "ROMEO:\nBut soft, what light"},
+            {"prompt": "", "response": "a"},
+        ],
+        tokenizer,
+        32,
+    )
+    return collate(data, tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64])
+def test_chunked_loss_equals_the_full_logits_loss_and_its_gradient(lora, tokenizer, chunk) -> None:
+    batch = _mixed_batch(tokenizer)
+    scored = batch["labels"][:, 1:] != -100
+    assert 0 < int(scored.sum()) < scored.numel()  # padding and prompt positions exist
+
+    def loss_and_grads(c: int) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        lora.zero_grad(set_to_none=True)
+        nll = token_nll(lora, batch, c)
+        loss = nll.sum() / scored.sum()
+        loss.backward()
+        grads = [p.grad.clone() for p in lora.parameters() if p.requires_grad]
+        return nll.detach(), loss.detach(), grads
+
+    full_nll, full_loss, full_grads = loss_and_grads(0)
+    nll, loss, grads = loss_and_grads(chunk)
+    # The model's own loss (mean over scored tokens) is the reference for both.
+    out = lora(**batch)
+    assert float(full_loss) == pytest.approx(float(out.loss), rel=1e-5)
+    assert torch.allclose(nll, full_nll, atol=1e-5)
+    assert bool((nll[~scored] == 0).all())
+    assert float(loss) == pytest.approx(float(full_loss), rel=1e-5)
+    assert all(
+        torch.allclose(g, f, atol=1e-6, rtol=1e-4) for g, f in zip(grads, full_grads, strict=True)
+    )
+    assert any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_chunked_loss_keeps_no_vocabulary_wide_tensor_for_the_backward(lora, tokenizer) -> None:
+    """What autograd saves for the backward: with full logits, (tokens x vocabulary) tensors;
+    chunked, nothing vocabulary-wide beyond the frozen head's weight."""
+    batch = _mixed_batch(tokenizer)
+    vocab = lora.get_base_model().get_output_embeddings().weight.shape[0]
+    rows = int(batch["input_ids"].numel())
+
+    def largest_saved(chunk: int) -> int:
+        sizes: list[int] = []
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.dim() >= 1 and t.shape[-1] == vocab:
+                sizes.append(t.numel() // vocab)
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            token_nll(lora, batch, chunk).sum().backward()
+        return max(sizes, default=0)
+
+    assert largest_saved(0) >= rows - len(batch["input_ids"])  # logits of every position
+    assert largest_saved(4) == 0
+
+
+def test_models_that_transform_their_logits_keep_their_own_forward(lora) -> None:
+    assert _decoder_and_head(lora) is not None
+    lora.get_base_model().config.final_logit_softcapping = 30.0
+    try:
+        assert _decoder_and_head(lora) is None
+    finally:
+        lora.get_base_model().config.final_logit_softcapping = None

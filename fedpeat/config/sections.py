@@ -213,9 +213,15 @@ class TrainConfig:
     eval_batch_size: int = 8
     device: str = "auto"
     """`auto` takes CUDA where present, else CPU."""
+    loss_chunk: int = 64
+    """Tokens whose vocabulary-wide logits exist at once in training and evaluation: the loss
+    runs the LM head over the scored positions in chunks of this many (recomputed for the
+    backward), so the batch x length x vocabulary logits never exist. 0: the model's own loss
+    over full logits."""
 
     def check(self) -> None:
         check_range("train.local_steps", self.local_steps, 1)
+        check_range("train.loss_chunk", self.loss_chunk, 0)
         check_range("train.batch_size", self.batch_size, 1)
         check_range("train.lr", self.lr, 0.0, lo_open=True)
         check_range("train.max_grad_norm", self.max_grad_norm, 0.0, lo_open=True)
