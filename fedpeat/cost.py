@@ -76,6 +76,10 @@ class ModelShape:
 
 ACTIVATION_FACTOR = 1.2
 """Measured stored activations over Korthikanti et al.'s count (eager PyTorch autograd)."""
+STEP_RESIDUE_BYTES = 96 * 2**20
+"""What a training step leaves resident beyond its tensors, whatever the model's size: memory
+the allocator keeps after the step's temporaries are freed (measured, bench.client_memory:
+95-110 MB at every emulator level and width on CPU once the chunked loss took the logits away)."""
 LOGITS_COPIES = 6
 """b x s x vocab fp32 tensors alive at once around the loss (measured)."""
 
@@ -133,6 +137,7 @@ def training_memory_bytes(
         + adapter
         + activation_bytes(shape, batch, seq, act_bytes)
         + logits_bytes(shape, batch, seq, loss_chunk)
+        + STEP_RESIDUE_BYTES
         + runtime_bytes
     )
 

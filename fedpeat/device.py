@@ -29,14 +29,13 @@ from fedpeat.emulator import (
     Package,
     content_hash,
     keys_on_layers,
-    load_package,
     local_adapter_layers,
-    save_package,
     to_emulator_keys,
     to_emulator_modules,
     to_full_keys,
     unpackage,
 )
+from fedpeat.emulator_cache import load_package, save_package
 from fedpeat.full_ft import full_state, set_full_state, trainable_full_model
 from fedpeat.lora import (
     AdapterState,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 from fedpeat.config import AlignConfig, DistillConfig
 from fedpeat.data import Encoded, Sample
-from fedpeat.emulator import Emulator, layer_prefix
+from fedpeat.emulator import Emulator, layer_prefix, middle_parameters, package
+from fedpeat.emulator_cache import load_cached, save_cached
 from fedpeat.train import batches, collate
 
 log = logging.getLogger(__name__)
@@ -204,6 +206,37 @@ def distill(
         for p in params:
             p.requires_grad_(False)
     return losses
+
+
+def distilled_in_place(
+    emulator: Emulator,
+    full: torch.nn.Module,
+    data: Sequence[Encoded],
+    cfg: DistillConfig,
+    pad_id: int,
+    device: torch.device,
+    wire: torch.dtype,
+    path: Path,
+    key: str,
+) -> None:
+    """Give `emulator` its distilled middle layers: from the cache file at `path` when it was
+    written for `key` (the derivation: model, layers, recipe, data), else by distilling them
+    here (`distill`), rounded through the wire dtype as a device holds them, and cached. Only
+    the middle layers change; a view's shared tensors (the full model's) stay untouched."""
+    cached = load_cached(path, key)
+    middle = middle_parameters(emulator)
+    if cached is not None and set(middle) <= set(cached.state):
+        log.info("emulator keep=%.2f: distilled copy from the cache", emulator.keep_ratio)
+        with torch.no_grad():
+            for k, p in middle.items():
+                p.copy_(torch.from_numpy(cached.state[k]).to(p.dtype))
+    else:
+        distill(emulator, full, data, cfg, pad_id, device)
+        with torch.no_grad():
+            for p in middle.values():
+                p.copy_(p.to(wire).to(p.dtype))
+        save_cached(package(emulator, wire), path, key)
+    emulator.distilled = True
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:

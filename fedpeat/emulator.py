@@ -13,19 +13,16 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import logging
-import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-log = logging.getLogger(__name__)
+from fedpeat.model import sharing_twin
 
 
 class EmulatorError(ValueError):
@@ -236,6 +233,54 @@ def build_emulator(
     return Emulator(model, layers, keep_ratio, bottom, top, n)
 
 
+def shared_emulator(
+    full: PreTrainedModel,
+    keep_ratio: float,
+    bottom: int,
+    top: int,
+    wire_dtype: torch.dtype = torch.float16,
+    scores: Sequence[float] | None = None,
+) -> Emulator:
+    """The emulator `build_emulator` makes, as a view of `full`: the embeddings, norms, head
+    and adapter region are `full`'s own tensors (a twin module tree over them, nothing
+    copied); only the kept middle layers are copies, rounded through the wire dtype as a device
+    holds them, since distillation trains them. The server's view computes its shared part at
+    the full model's precision, the wire form (and its digest) is the same as the copy's."""
+    n = int(full.config.num_hidden_layers)
+    layers = select_layers(n, bottom, top, keep_ratio, scores)
+    model = sharing_twin(full)
+    parent_name, _, attr = layer_prefix(model, n).rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    kept = []
+    for j, i in enumerate(layers):
+        layer = old[i]
+        if bottom <= j < len(layers) - top:  # a middle layer: its own tensors
+            layer = copy.deepcopy(layer)
+            round_trip(layer, wire_dtype)
+        kept.append(layer)
+    setattr(parent, attr, torch.nn.ModuleList(kept))
+    config, twin_config = _subset_config(full.config, layers), model.config
+    config.dtype = full.dtype  # as a model built from the config records it (the digest)
+    for module in model.modules():  # the twin's modules share one config object
+        if getattr(module, "config", None) is twin_config:
+            module.config = config
+    _fix_layer_indices(model, len(layers))
+    model.eval()
+    return Emulator(model, layers, keep_ratio, bottom, top, n)
+
+
+def middle_parameters(emulator: Emulator) -> dict[str, torch.nn.Parameter]:
+    """The emulator's middle-layer parameters by state-dict key (what distillation changes)."""
+    n_emu = len(emulator.layers)
+    prefix = layer_prefix(emulator.model, n_emu)
+    out = {}
+    for j in range(emulator.bottom, n_emu - emulator.top):
+        layer = emulator.model.get_submodule(f"{prefix}.{j}")
+        out.update({f"{prefix}.{j}.{k}": p for k, p in layer.named_parameters()})
+    return out
+
+
 def _fix_layer_indices(model: torch.nn.Module, n_layers: int) -> None:
     """Attention modules remember their layer index for the KV cache: renumber them."""
     layers = dict(model.named_modules())[layer_prefix(model, n_layers)]
@@ -334,105 +379,6 @@ def unpackage(pkg: Package, dtype: torch.dtype = torch.float32, verify: bool = T
     for p in model.parameters():
         p.requires_grad_(False)
     return Emulator(model, pkg.layers, pkg.keep_ratio, pkg.bottom, pkg.top, pkg.n_full_layers)
-
-
-# --------------------------------------------------------------------------- device cache
-
-
-def save_package(pkg: Package, directory: Path) -> Path:
-    """Write `<digest>.safetensors` atomically; metadata carries config and layer map."""
-    from safetensors.numpy import save_file
-
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / f"{pkg.digest}.safetensors"
-    tmp = path.with_name(path.name + ".tmp")
-    meta = {k: json.dumps(v) for k, v in pkg.meta().items()}
-    save_file({k: np.ascontiguousarray(v) for k, v in pkg.state.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-    return path
-
-
-def _read_package(path: Path, digest: str | None) -> tuple[Package, dict[str, Any]]:
-    """A package file's tensors and metadata (`digest`: the name it was asked by; None: the one
-    its metadata records); not verified here."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="numpy") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
-    pkg = Package(
-        meta["config"],
-        list(meta["layers"]),
-        float(meta["keep_ratio"]),
-        int(meta["bottom"]),
-        int(meta["top"]),
-        int(meta["n_full_layers"]),
-        state,
-        meta["digest"] if digest is None else digest,
-    )
-    return pkg, meta
-
-
-def load_package(directory: Path, digest: str) -> Package:
-    """Read and verify a cached emulator; a corrupt file is deleted and reported as missing."""
-
-    path = directory / f"{digest}.safetensors"
-    if not path.is_file():
-        raise EmulatorError(f"emulator {digest[:12]} is not in the device cache")
-    try:
-        pkg, _ = _read_package(path, digest)
-        if content_hash(pkg.config_json, pkg.layers, pkg.state) != digest:
-            raise EmulatorError("content hash mismatch")
-    except Exception as err:  # unreadable, truncated or tampered: never train on it
-        path.unlink(missing_ok=True)
-        raise EmulatorError(
-            f"emulator {digest[:12]} in the device cache was corrupt ({err}); dropped"
-        ) from err
-    return pkg
-
-
-def model_digest(model: torch.nn.Module) -> str:
-    """SHA-256 over the model's config and every tensor in its own dtype: names the weights a
-    distilled emulator was derived from (a different conversion or checkpoint misses)."""
-    h = hashlib.sha256()
-    config = getattr(model, "config", None)
-    if config is not None:
-        h.update(config.to_json_string(use_diff=False).encode())
-    for key, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
-    return h.hexdigest()
-
-
-def save_cached(pkg: Package, path: Path, key: str) -> None:
-    """Write a derived emulator (e.g. distilled) under its derivation `key`, atomically."""
-    from safetensors.numpy import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    meta = {k: json.dumps(v) for k, v in {**pkg.meta(), "key": key}.items()}
-    save_file({k: np.ascontiguousarray(v) for k, v in pkg.state.items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
-
-
-def load_cached(path: Path, key: str) -> Package | None:
-    """The emulator cached at `path` under `key`, or None when absent; a file that is corrupt
-    or was written for another key is deleted (and None returned), never trained on."""
-
-    if not path.is_file():
-        return None
-    try:
-        pkg, meta = _read_package(path, None)
-        if meta.get("key") != key:
-            raise EmulatorError("written for another derivation")
-        if content_hash(pkg.config_json, pkg.layers, pkg.state) != pkg.digest:
-            raise EmulatorError("content hash mismatch")
-    except Exception as err:  # unreadable, truncated or tampered: derive it again
-        log.warning("cached emulator %s is unusable (%s); deriving it again", path.name, err)
-        path.unlink(missing_ok=True)
-        return None
-    return pkg
 
 
 # --------------------------------------------------------------------------- adapter keys

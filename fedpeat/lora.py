@@ -10,7 +10,7 @@ import json
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -204,3 +204,31 @@ def initial_adapter_state(template: AdapterState, seed: int) -> AdapterState:
         else:
             out[key] = np.zeros_like(value)
     return out
+
+
+@torch.no_grad()
+def merged_state(model: PeftModel) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every adapted weight replaced by W + (scale) B A: the
+    merged model's weights, without a second copy of the model (only the adapted matrices are
+    new tensors; the rest are the base's own)."""
+    from peft.tuners.lora import Linear, LoraLayer
+
+    base = model.get_base_model()
+    state = {
+        k: v for k, v in base.state_dict().items() if "lora_" not in k and ".base_layer." not in k
+    }
+    for name, module in base.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        if not isinstance(module, Linear):  # fedpeat puts LoRA on linear projections only
+            raise AdapterStateError(f"{name}: cannot merge a LoRA {type(module).__name__}")
+        weight = cast(torch.Tensor, module.base_layer.weight)
+        merged = weight.clone()
+        for adapter in module.active_adapters:
+            merged += module.get_delta_weight(adapter).to(merged.dtype)
+        state[f"{name}.weight"] = merged
+    # PEFT names a wrapped layer's weight `<name>.base_layer.weight`: plain names only remain.
+    for name, param in base.state_dict().items():
+        if ".base_layer." in name:
+            state.setdefault(name.replace(".base_layer.", "."), param)
+    return state

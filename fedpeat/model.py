@@ -11,6 +11,7 @@ Loaded models are cached per process: Ray simulation reuses its worker processes
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import json
@@ -220,6 +221,14 @@ def load_model(
     if cached:
         _MODELS[key] = model
     return model
+
+
+def sharing_twin(model: torch.nn.Module) -> Any:
+    """A second module tree over `model`'s own parameter and buffer tensors: nothing is copied,
+    so PEFT can wrap the twin (it replaces modules in the tree it is given) while `model`
+    stays plain for the emulators cut from it. Freezing either freezes both."""
+    memo: dict[int, Any] = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def shape_of(model: Any) -> ModelShape:

@@ -23,21 +23,17 @@ from fedpeat.data import encode, eval_prompts, server_data, server_train_data
 from fedpeat.emulator import (
     Emulator,
     Package,
-    build_emulator,
     global_adapter_layers,
     keys_on_layers,
     layer_prefix,
-    load_cached,
     local_adapter_layers,
-    model_digest,
     package,
-    round_trip,
-    save_cached,
     select_layers,
+    shared_emulator,
     to_emulator_keys,
     to_emulator_modules,
-    unpackage,
 )
+from fedpeat.emulator_cache import model_digest
 from fedpeat.full_ft import full_state, set_full_state, trainable_full_model
 from fedpeat.importance import (
     block_influence,
@@ -52,11 +48,11 @@ from fedpeat.lora import (
     attach_lora,
     get_adapter_state,
     initial_adapter_state,
-    lora_model,
+    merged_state,
     set_adapter_state,
 )
 from fedpeat.metrics import Scored, bootstrap, score
-from fedpeat.model import cache_dir, load_model, load_tokenizer, shape_of
+from fedpeat.model import cache_dir, load_model, load_tokenizer, shape_of, sharing_twin
 from fedpeat.train import (
     EvalResult,
     TrainResult,
@@ -124,7 +120,10 @@ class ServerModel:
         self.module_shapes: dict[str, tuple[int, int]] = {}
         self.model_bits = torch.finfo(getattr(torch, cfg.model.dtype)).bits
         self.adapter_cfg = self._global_adapter() if cfg.planner.enabled else cfg.adapter
-        self.model = lora_model(cfg.model, self.adapter_cfg, self.device, self.adapter_layers)
+        # The plug-in model wraps the base's own tensors (no second copy of the weights).
+        self.model = attach_lora(
+            sharing_twin(self.base), self.adapter_cfg, layers=self.adapter_layers
+        )
         # Fresh LoRA: A random (seeded), B zero, so the plug-in starts equal to the base model.
         self.initial_state = initial_adapter_state(get_adapter_state(self.model), cfg.seed)
         self.full_ft = cfg.strategy.name == "fed_ft"
@@ -140,6 +139,7 @@ class ServerModel:
             for layer in prefix
         ]
         self._packages: dict[float, Package] = {}
+        self._refs: dict[float, tuple[Package, int]] = {}
         self.emulators: dict[float, Emulator] = {}
         self._model_digest = ""
         self.check_protection()
@@ -327,14 +327,17 @@ class ServerModel:
     # -- emulators
 
     def emulator(self, level: float) -> Emulator:
-        """The emulator at keep ratio `level`, built once; distilled ones come from the disk
-        cache when this model, level, layer choice, recipe and data were distilled before."""
+        """The emulator at keep ratio `level`, a view of the base model (`shared_emulator`) whose
+        own tensors are its middle layers; distilled ones come from the disk cache when this
+        model, level, layer choice, recipe and data were distilled before. One is resident at
+        a time (the server's memory stays at the base model plus one emulator's middle)."""
         if level not in self.emulators:
+            self.emulators.clear()  # before building: never two middles at once
             e = self.cfg.emulator
             wire = getattr(torch, e.wire_dtype)
-            emulator = build_emulator(self.base, level, e.bottom, e.top, wire, self.layer_scores)
+            emulator = shared_emulator(self.base, level, e.bottom, e.top, wire, self.layer_scores)
             if e.distill.enabled and len(emulator.layers) < emulator.n_full_layers:
-                emulator = self._distilled(emulator, wire)
+                self._distilled(emulator, wire)
             self.emulators[level] = emulator
         return self.emulators[level]
 
@@ -359,41 +362,35 @@ class ServerModel:
         }
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
 
-    def _distilled(self, emulator: Emulator, wire: torch.dtype) -> Emulator:
-        from fedpeat.distill import distill
+    def _distilled(self, emulator: Emulator, wire: torch.dtype) -> None:
+        """Distil `emulator`'s middle layers in place, or load them from the disk cache."""
+        from fedpeat.distill import distilled_in_place
 
         key = self.distill_key(emulator)
         path = cache_dir() / "emulators" / f"{key[:32]}.safetensors"
-        cached = load_cached(path, key)
-        if cached is not None:
-            log.info("emulator keep=%.2f: distilled copy from the cache", emulator.keep_ratio)
-            hit = unpackage(cached, self.base.dtype, verify=False)
-            hit.model.to(self.device)  # type: ignore[arg-type]
-            hit.distilled = True
-            return hit
-        distill(
-            emulator,
-            self.base,
-            self.train_data,
-            self.cfg.emulator.distill,
-            self.pad_id,
-            self.device,
-        )
-        emulator.distilled = True
-        round_trip(emulator.model, wire)
-        save_cached(package(emulator, wire), path, key)
-        return emulator
+        args = (self.base, self.train_data, self.cfg.emulator.distill, self.pad_id, self.device)
+        distilled_in_place(emulator, *args, wire, path, key)
 
     def package(self, level: float) -> Package:
+        """The wire package at `level`, with its tensors: built when sent, and only the last one
+        kept (a package is half an emulator at fp16); `package_ref` answers everything else."""
         if level not in self._packages:
-            self._packages[level] = package(
-                self.emulator(level), getattr(torch, self.cfg.emulator.wire_dtype)
-            )
+            self._packages.clear()
+            pkg = package(self.emulator(level), getattr(torch, self.cfg.emulator.wire_dtype))
+            self._packages[level] = pkg
+            self._refs[level] = (replace(pkg, state={}), pkg.nbytes)
         return self._packages[level]
+
+    def package_ref(self, level: float) -> tuple[Package, int]:
+        """The package at `level` without its tensors (digest, layer map, config) and its size
+        in bytes: what planning, pricing and plans need, remembered for every level built."""
+        if level not in self._refs:
+            self.package(level)
+        return self._refs[level]
 
     def package_digests(self) -> dict[float, str]:
         """Level -> digest of every emulator package built so far."""
-        return {level: pkg.digest for level, pkg in self._packages.items()}
+        return {level: ref.digest for level, (ref, _) in self._refs.items()}
 
     def emulator_shape(self, level: float | None) -> ModelShape:
         """Shape of the emulator at `level` (None: the full model) without building it."""
@@ -484,11 +481,10 @@ class ServerModel:
             self.full.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)
             return
-        base = load_model(self.cfg.model, self.device, cached=False)
-        peft_model = attach_lora(base, self.adapter_cfg, layers=self.adapter_layers)
-        set_adapter_state(peft_model, state)
-        merged = peft_model.merge_and_unload()
-        merged.save_pretrained(directory)
+        set_adapter_state(self.model, state)  # merged matrix by matrix, the rest the base's
+        # Saved through a twin: save_pretrained writes into the config it saves (architectures,
+        # dtype), and the base's config must stay as emulators were cut from it (their digest).
+        sharing_twin(self.base).save_pretrained(directory, state_dict=merged_state(self.model))
         self.tokenizer.save_pretrained(directory)
 
     def save_adapter(self, state: AdapterState, directory: str, base_location: str) -> None:

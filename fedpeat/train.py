@@ -10,7 +10,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -117,6 +117,56 @@ def _chunk_nll(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tenso
     return F.cross_entropy(head(hidden).float(), targets, reduction="none")
 
 
+class _FrozenHeadNLL(torch.autograd.Function):
+    """Per-token NLL through a frozen linear head, `chunk` rows of logits at a time, with the
+    gradient for the hidden states worked out in the same pass: d nll_i / d h_i =
+    (softmax(l_i) - onehot(y_i)) W. The backward only scales it by the incoming gradient, so
+    no logits are kept or recomputed (what checkpointing each chunk would cost)."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int
+    ) -> torch.Tensor:
+        nll = torch.empty(len(targets), dtype=torch.float32, device=hidden.device)
+        grad = torch.empty_like(hidden)
+        for start in range(0, len(targets), chunk):
+            h, y = hidden[start : start + chunk], targets[start : start + chunk]
+            logits = (h @ weight.T).float()
+            lse = torch.logsumexp(logits, dim=-1)
+            rows = torch.arange(len(y), device=y.device)
+            nll[start : start + chunk] = lse - logits[rows, y]
+            probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+            probs[rows, y] -= 1.0
+            grad[start : start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        ctx.save_for_backward(grad)
+        return nll
+
+    @staticmethod
+    def backward(ctx: Any, grad_nll: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (grad,) = ctx.saved_tensors
+        return grad * grad_nll[:, None].to(grad.dtype), None, None, None
+
+
+def _head_nll(
+    head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int
+) -> torch.Tensor:
+    """NLL of `targets` under `head(hidden)`, `chunk` positions of logits at a time: in one pass
+    where the head is a frozen bias-free linear map (the usual tied or untied LM head), else
+    each chunk checkpointed (recomputed for the backward)."""
+    weight = getattr(head, "weight", None)
+    frozen = type(head) is torch.nn.Linear and head.bias is None and not head.weight.requires_grad
+    if frozen and torch.is_grad_enabled() and hidden.requires_grad:
+        return cast(torch.Tensor, _FrozenHeadNLL.apply(hidden, weight, targets, chunk))
+    pieces = []
+    for start in range(0, len(targets), chunk):
+        hs, ys = hidden[start : start + chunk], targets[start : start + chunk]
+        if torch.is_grad_enabled():
+            pieces.append(checkpoint(partial(_chunk_nll, head), hs, ys, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(head, hs, ys))
+    return torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+
+
 def token_nll(model: Any, batch: dict[str, torch.Tensor], chunk: int = 0) -> torch.Tensor:
     """Next-token NLL (nats) at every position, (batch, length - 1), 0 where `labels[:, 1:]` is
     -100. With `chunk` > 0 the LM head runs over the scored positions only, `chunk` at a time,
@@ -136,17 +186,11 @@ def token_nll(model: Any, batch: dict[str, torch.Tensor], chunk: int = 0) -> tor
         )
     decoder, head = parts
     hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])[0]
-    h, y = hidden[:, :-1][scored], labels[scored]
-    pieces = []
-    for start in range(0, len(y), chunk):
-        hs, ys = h[start : start + chunk], y[start : start + chunk]
-        if torch.is_grad_enabled():
-            pieces.append(checkpoint(partial(_chunk_nll, head), hs, ys, use_reentrant=False))
-        else:
-            pieces.append(_chunk_nll(head, hs, ys))
-    nll = torch.zeros(labels.shape, dtype=torch.float32, device=h.device)
-    if pieces:
-        nll = nll.masked_scatter(scored, torch.cat(pieces))
+    nll = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
+    if bool(scored.any()):
+        nll = nll.masked_scatter(
+            scored, _head_nll(head, hidden[:, :-1][scored], labels[scored], chunk)
+        )
     return nll
 
 

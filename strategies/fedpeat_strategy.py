@@ -99,6 +99,7 @@ class FedPEAT(Strategy):
         self._offsets: dict[int, int] = {}  # aggregation=stack: each device's block this round
         self._digests: dict[float, str] = {}  # a resumed run's packages, by level
         self._sent_at = time.perf_counter()  # when the last messages left (phase timing)
+        self._records: dict[float, ArrayRecord] = {}  # this round's emulator records, by level
         self._round = 0
         self.resumed = False
         self.links = MeasuredLinks(cfg.devices.measuring)
@@ -121,15 +122,8 @@ class FedPEAT(Strategy):
         round-0 evaluation is not repeated)."""
         grid = self.links.wrap(grid)
         if first_round == 1 and not self.resumed:
-            return super().start(
-                grid,
-                initial_arrays,
-                num_rounds,
-                timeout,
-                train_config,
-                evaluate_config,
-                evaluate_fn,
-            )
+            configs = (train_config, evaluate_config, evaluate_fn)
+            return super().start(grid, initial_arrays, num_rounds, timeout, *configs)
         result, arrays = Result(), initial_arrays
         log(INFO, "resuming at round %d of %d", first_round, num_rounds)
         for rnd in range(first_round, num_rounds + 1):
@@ -227,8 +221,9 @@ class FedPEAT(Strategy):
             placed = stack_blocks(self.state, plans, self.server)
             self.state, self._offsets, stats.truncation_error = placed
         clipping = float(dp_config.get(KEY_CLIPPING_NORM, 0.0))
-        messages = []
-        for node, assignment in assignments.items():
+        messages, self._records = [], {}
+        # By level: one emulator package built, and one record shared by its messages, per level.
+        for node, assignment in sorted(assignments.items(), key=lambda kv: kv[1].level or 0.0):
             plan = plans.get(node)
             if msg := self._train_message(server_round, node, assignment, plan, arrays, clipping):
                 messages.append(msg)
@@ -270,10 +265,12 @@ class FedPEAT(Strategy):
         self._expected[node] = state_shapes(from_record(content.array_records[ADAPTER_KEY]))
         ref, sent_bytes = EmulatorRef(), 0
         if self.cfg.emulator.case != 3:
-            pkg = self.server.package(assignment.level)
-            ref = EmulatorRef.of(pkg)
-            if pkg.digest not in self.fleet.holdings.get(node, set()):
-                content[EMULATOR_KEY] = record = to_record(pkg.state)
+            level = assignment.level
+            ref = EmulatorRef.of(self.server.package_ref(level)[0])
+            if ref.digest not in self.fleet.holdings.get(node, set()):  # tensors only if sent
+                if level not in self._records:
+                    self._records[level] = to_record(self.server.package(level).state)
+                content[EMULATOR_KEY] = record = self._records[level]
                 sent_bytes = record.count_bytes()
                 stats.exchanges += 1
                 stats.emulator_bytes += sent_bytes
@@ -298,8 +295,8 @@ class FedPEAT(Strategy):
         return Message(content, dst_node_id=node, message_type=MessageType.TRAIN)
 
     def _emulator_bytes(self, node: int, level: float) -> int:
-        pkg = self.server.package(level)
-        return 0 if pkg.digest in self.fleet.holdings.get(node, set()) else pkg.nbytes
+        ref, nbytes = self.server.package_ref(level)
+        return 0 if ref.digest in self.fleet.holdings.get(node, set()) else nbytes
 
     def _holding(self) -> list[list[int]]:
         # Packages are built when first sent: a resumed run knows earlier ones by their digest.

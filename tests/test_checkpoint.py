@@ -98,13 +98,13 @@ def test_resume_refuses_what_it_cannot_continue(tmp_path, server_identity, devic
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     _run(
-        InProcessGrid(2), compose("experiment=tiny rounds=1 strategy.fraction_evaluate=0"), run_dir
+        InProcessGrid(2), compose("experiment=tiny rounds=1 strategy.fraction_evaluate=1"), run_dir
     )
     with pytest.raises(
         ConfigError, match=r"in \['seed', 'strategy.fraction_evaluate'\]; only \['rounds'"
     ):
         open_resume(compose(f"experiment=tiny rounds=2 seed=7 resume={run_dir}"), tmp_path)
-    same = "experiment=tiny strategy.fraction_evaluate=0"
+    same = "experiment=tiny strategy.fraction_evaluate=1"
     with pytest.raises(ConfigError, match="already finished round 1 of rounds=1"):
         open_resume(compose(f"{same} rounds=1 resume={run_dir}"), tmp_path)
     assert open_resume(compose(f"{same} rounds=2 resume={run_dir}"), tmp_path)[1].round == 1

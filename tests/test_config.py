@@ -86,7 +86,7 @@ def test_override_string_is_shell_split() -> None:
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        ("model=nope", "available: hf, smollm2_135m, tiny_llama"),
+        ("model=nope", "available: hf, llama_1b3, smollm2_135m, tiny_llama"),
         ("train.lrr=1", "train.lrr"),
         ("train.lr=abc", "train.lr"),
         ("train.lr=-1", "train.lr=-1.0 is out of range"),

@@ -14,16 +14,15 @@ from fedpeat.emulator import (
     build_emulator,
     global_adapter_layers,
     keys_on_layers,
-    load_package,
     local_adapter_layers,
     package,
-    save_package,
     select_layers,
     to_emulator_keys,
     to_emulator_modules,
     to_full_keys,
     unpackage,
 )
+from fedpeat.emulator_cache import load_package, save_package
 from fedpeat.lora import attach_lora, get_adapter_state, set_adapter_state
 from fedpeat.model import load_model
 

@@ -38,6 +38,41 @@ def test_merged_export_equals_base_plus_adapter(tmp_path, tiny_cfg) -> None:
         plain = base(input_ids=ids).logits
     assert not torch.allclose(expected, plain, atol=1e-3)  # the adapter does change the output
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # Exporting left the base as it was: its config (emulators' digests derive from it) too.
+    assert base.config.architectures is None and server.base is base
+
+
+def _ptrs(module: torch.nn.Module) -> set[int]:
+    return {p.data_ptr() for p in module.parameters()}
+
+
+def test_the_server_holds_one_copy_of_the_weights() -> None:
+    """The plug-in model and every emulator are views of the base model's tensors; an emulator
+    owns only its middle layers, one emulator is resident at a time, and every package built
+    stays known by digest and size after its tensors are dropped."""
+    from fedpeat.emulator import build_emulator, middle_parameters, package
+
+    server = ServerModel(compose("experiment=tiny emulator.distill.steps=2"))
+    base = _ptrs(server.base)
+    frozen = [p for n, p in server.model.named_parameters() if "lora_" not in n]
+    assert {p.data_ptr() for p in frozen} <= base  # no second copy of any frozen weight
+    digests = {}
+    for level in server.device_levels():
+        emulator = server.emulator(level)
+        own = {p.data_ptr() for p in middle_parameters(emulator).values()}
+        assert _ptrs(emulator.model) - own <= base and not own & base
+        assert list(server.emulators) == [level]  # the previous one was dropped
+        pkg = server.package(level)
+        digests[level] = pkg.digest
+        assert list(server._packages) == [level]
+        # The same wire bytes as an emulator built as a full copy and distilled the same way.
+        copied = build_emulator(server.base, level, 1, 1, scores=server.layer_scores)
+        with torch.no_grad():
+            for key, p in middle_parameters(copied).items():
+                p.copy_(middle_parameters(emulator)[key])
+        assert package(copied).digest == pkg.digest
+    assert server.package_digests() == digests
+    assert all(server.package_ref(lv)[1] > 0 for lv in digests)
 
 
 def test_fixed_modules_replace_the_importance_choice(tiny_cfg) -> None:

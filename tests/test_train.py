@@ -123,6 +123,25 @@ def test_chunked_loss_keeps_no_vocabulary_wide_tensor_for_the_backward(lora, tok
     assert largest_saved(4) == 0
 
 
+def test_a_trainable_head_takes_the_checkpointed_chunks(lora, tokenizer) -> None:
+    """Where the head itself trains, the one-pass gradient (hidden states only) cannot serve:
+    each chunk is checkpointed instead, and the head's gradient equals the full loss's."""
+    batch = _mixed_batch(tokenizer)
+    head = lora.get_base_model().get_output_embeddings()
+    head.weight.requires_grad_(True)
+    try:
+        grads = []
+        for chunk in (0, 3):
+            lora.zero_grad(set_to_none=True)
+            token_nll(lora, batch, chunk).sum().backward()
+            grads.append(head.weight.grad.clone())
+        assert torch.allclose(grads[0], grads[1], atol=1e-4, rtol=1e-4)
+        assert float(grads[0].abs().sum()) > 0
+    finally:
+        head.weight.requires_grad_(False)
+        head.weight.grad = None
+
+
 def test_models_that_transform_their_logits_keep_their_own_forward(lora) -> None:
     assert _decoder_and_head(lora) is not None
     lora.get_base_model().config.final_logit_softcapping = 30.0

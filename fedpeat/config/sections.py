@@ -213,7 +213,7 @@ class TrainConfig:
     eval_batch_size: int = 8
     device: str = "auto"
     """`auto` takes CUDA where present, else CPU."""
-    loss_chunk: int = 64
+    loss_chunk: int = 32
     """Tokens whose vocabulary-wide logits exist at once in training and evaluation: the loss
     runs the LM head over the scored positions in chunks of this many (recomputed for the
     backward), so the batch x length x vocabulary logits never exist. 0: the model's own loss

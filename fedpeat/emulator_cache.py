@@ -1,0 +1,115 @@
+"""Emulator packages on disk: a device's cache (one file per digest, verified on read) and the
+server's cache of derived emulators (distilled ones, under their derivation key). A corrupt or
+foreign file is deleted and reported, never trained on."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedpeat.emulator import EmulatorError, Package, content_hash
+
+log = logging.getLogger(__name__)
+
+
+def save_package(pkg: Package, directory: Path) -> Path:
+    """Write `<digest>.safetensors` atomically; metadata carries config and layer map."""
+    from safetensors.numpy import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{pkg.digest}.safetensors"
+    tmp = path.with_name(path.name + ".tmp")
+    meta = {k: json.dumps(v) for k, v in pkg.meta().items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in pkg.state.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return path
+
+
+def _read_package(path: Path, digest: str | None) -> tuple[Package, dict[str, Any]]:
+    """A package file's tensors and metadata (`digest`: the name it was asked by; None: the one
+    its metadata records); not verified here."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as f:
+        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+    pkg = Package(
+        meta["config"],
+        list(meta["layers"]),
+        float(meta["keep_ratio"]),
+        int(meta["bottom"]),
+        int(meta["top"]),
+        int(meta["n_full_layers"]),
+        state,
+        meta["digest"] if digest is None else digest,
+    )
+    return pkg, meta
+
+
+def load_package(directory: Path, digest: str) -> Package:
+    """Read and verify a cached emulator; a corrupt file is deleted and reported as missing."""
+
+    path = directory / f"{digest}.safetensors"
+    if not path.is_file():
+        raise EmulatorError(f"emulator {digest[:12]} is not in the device cache")
+    try:
+        pkg, _ = _read_package(path, digest)
+        if content_hash(pkg.config_json, pkg.layers, pkg.state) != digest:
+            raise EmulatorError("content hash mismatch")
+    except Exception as err:  # unreadable, truncated or tampered: never train on it
+        path.unlink(missing_ok=True)
+        raise EmulatorError(
+            f"emulator {digest[:12]} in the device cache was corrupt ({err}); dropped"
+        ) from err
+    return pkg
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's config and every tensor in its own dtype: names the weights a
+    distilled emulator was derived from (a different conversion or checkpoint misses)."""
+    h = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        h.update(config.to_json_string(use_diff=False).encode())
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_cached(pkg: Package, path: Path, key: str) -> None:
+    """Write a derived emulator (e.g. distilled) under its derivation `key`, atomically."""
+    from safetensors.numpy import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    meta = {k: json.dumps(v) for k, v in {**pkg.meta(), "key": key}.items()}
+    save_file({k: np.ascontiguousarray(v) for k, v in pkg.state.items()}, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_cached(path: Path, key: str) -> Package | None:
+    """The emulator cached at `path` under `key`, or None when absent; a file that is corrupt
+    or was written for another key is deleted (and None returned), never trained on."""
+
+    if not path.is_file():
+        return None
+    try:
+        pkg, meta = _read_package(path, None)
+        if meta.get("key") != key:
+            raise EmulatorError("written for another derivation")
+        if content_hash(pkg.config_json, pkg.layers, pkg.state) != pkg.digest:
+            raise EmulatorError("content hash mismatch")
+    except Exception as err:  # unreadable, truncated or tampered: derive it again
+        log.warning("cached emulator %s is unusable (%s); deriving it again", path.name, err)
+        path.unlink(missing_ok=True)
+        return None
+    return pkg
