@@ -26,6 +26,10 @@ def stages(seeds: str, reuse: bool) -> dict[str, list[list[str]]]:
         "model_load": [[*py, "bench.model_load"]],
         "retention": [[*py, "fedpeat.cli.retention", "--out", str(RESULTS)]],
         "memory": [[*py, "bench.client_memory"]],
+        # The server's peak over a run's work: the default model and a 1.3B random Llama.
+        "server_memory": [[*py, "bench.server_memory"]],
+        # The default experiment under flwr run: its record and the round overhead table.
+        "default_run": [[*py, "bench.default_run", "--launch"]],
         "federated": [federated],
         "merged_forward": [[*py, "bench.merged_forward"]],
         "round_files": [[*py, "bench.round_files"]],

@@ -62,7 +62,8 @@ def _model(name: str, cfg: Any, pkg_dir: Path) -> Any:
     """What the device holds for configuration `name`, ready to train."""
     import torch
 
-    from fedpeat.emulator import adapter_region, load_package, unpackage
+    from fedpeat.emulator import adapter_region, unpackage
+    from fedpeat.emulator_cache import load_package
     from fedpeat.lora import attach_lora
     from fedpeat.model import load_model
     from fedpeat.quantization import compute_dtype, fast_bf16, quantize_frozen
@@ -167,7 +168,7 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
 
     from fedpeat.config import DeviceProfile, compose
     from fedpeat.cost import activation_bytes, load_memory_bytes, logits_bytes
-    from fedpeat.emulator import save_package
+    from fedpeat.emulator_cache import save_package
     from fedpeat.quantization import fast_bf16
     from fedpeat.server_model import ServerModel
     from strategies.planning import compute_bits
@@ -197,7 +198,19 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
         + logits_bytes(shape, b, s, cfg.train.loss_chunk)
     ) / 2**20
     layers = {k: len(server.emulator(k).layers) for k in LEVELS}
-    return {"estimate_mb": est, "load_estimate_mb": load, "layers": layers}
+    # A step's matrix products per token scale with the decoder's linear weights plus the LM
+    # head (the embedding lookup is free, attention at these lengths small): the FLOP ratio.
+    full = server.full_shape.linear_params + shape.vocab * shape.hidden
+    flop_ratio = {
+        k: full / (server.emulator_shape(k).linear_params + shape.vocab * shape.hidden)
+        for k in LEVELS
+    }
+    return {
+        "estimate_mb": est,
+        "load_estimate_mb": load,
+        "layers": layers,
+        "flop_ratio": flop_ratio,
+    }
 
 
 def _label(name: str, layers: dict[str, int]) -> str:
@@ -217,10 +230,13 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
     fed_net = fed["train_peak_mb"] - fed["runtime_mb"]
     ref = rows["full_lora"]["tokens_per_s"]
     layers = {str(k): v for k, v in prep["layers"].items()}
-    lines = []
+    lines, speed = [], {}
     for name, r in rows.items():
         net = r["train_peak_mb"] - r["runtime_mb"]
         est = prep["estimate_mb"].get(name)
+        flops = prep["flop_ratio"].get(name.removeprefix("keep").split("-")[0])
+        if flops and name.startswith("keep"):
+            speed[name] = r["tokens_per_s"] / ref / flops
         lines.append(
             [
                 _label(name, layers),
@@ -233,6 +249,8 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
                 f"{net / est:.2f}" if est else "-",
                 f"{r['tokens_per_s']:.0f}" + (" (1st step)" if r["first_step_timed"] else ""),
                 f"{r['tokens_per_s'] / ref:.2f}",
+                f"{flops:.2f}" if name in speed else "-",
+                f"{speed[name]:.2f}" if name in speed else "-",
             ]
         )
     header = [
@@ -246,6 +264,8 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
         "measured / estimate",
         "tokens/s",
         "vs full model",
+        "FLOP ratio",
+        "speed-up / FLOP ratio",
     ]
     calibration = []
     for name, r in rows.items():
@@ -281,6 +301,12 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
         },
         "hot_spots": hot,
         "calibration": calibration,
+        "speed": {
+            "per_config": speed,
+            "worst": min(speed, key=speed.__getitem__) if speed else None,
+            "limit": 0.8,
+            "met": bool(speed) and min(speed.values()) >= 0.8,
+        },
     }
 
 
@@ -344,14 +370,19 @@ def main() -> None:
         return
     rep = report(rows, prep)
     where = machine()
-    t = rep["target"]
+    t, sp = rep["target"], rep["speed"]
     text = "\n".join(
         [
             table(rep["header"], rep["lines"]),
             "",
             f"Target: keep 0.5 with 4-bit weights needs {t['ratio']:.3f} of Fed-FT's training "
             f"memory (limit 1/8 = 0.125): {'met' if t['met'] else 'missed'}; counting the "
-            f"whole process (interpreter and libraries too) {t['process_ratio']:.2f}.",
+            f"whole process (interpreter and libraries too) {t['process_ratio']:.2f} "
+            f"(limit 1/6 = 0.167: {'met' if t['process_ratio'] <= 1 / 6 else 'missed'}).",
+            "",
+            f"Throughput: every emulator row's speed-up over the full model at least 0.8 of its "
+            f"FLOP ratio: {'met' if sp['met'] else 'missed'} (lowest: {sp['worst']}, "
+            f"{sp['per_config'].get(sp['worst'], float('nan')):.2f}).",
             "",
             "The device's memory check against measured peaks (`train - runtime` and the "
             "load's peak over the runtime; the estimate is `fedpeat.cost`'s, the load estimate "
