@@ -18,7 +18,7 @@ import torch
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from fedpeat.data import Encoded
-from fedpeat.train import batches, collate
+from fedpeat.train import batches, collate, token_nll
 
 _NAME = re.compile(r"(?:^|\.)(layers\.(\d+)\..*)$")
 
@@ -46,8 +46,10 @@ def importance_scores(
     n_batches: int,
     pad_id: int,
     device: torch.device,
+    loss_chunk: int = 0,
 ) -> dict[str, float]:
-    """Mean over `n_batches` batches of sum |W * dL/dW| for each module's weight."""
+    """Mean over `n_batches` batches of sum |W * dL/dW| for each module's weight (the loss
+    computed as in training, `loss_chunk` positions of logits at a time)."""
     if not data:
         raise ValueError("importance needs calibration data: the server's training set is empty")
     flags = {p: p.requires_grad for p in model.parameters()}
@@ -64,7 +66,8 @@ def importance_scores(
         for chunk in list(batches(list(data), batch_size))[:n_batches]:
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             model.zero_grad(set_to_none=True)
-            model(**batch).loss.backward()
+            scored = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
+            (token_nll(model, batch, loss_chunk).sum() / scored).backward()
             for name, w in weights.items():
                 assert w.grad is not None
                 totals[name] += float((w.detach() * w.grad).abs().sum())

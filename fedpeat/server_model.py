@@ -124,6 +124,9 @@ class ServerModel:
         self.model = attach_lora(
             sharing_twin(self.base), self.adapter_cfg, layers=self.adapter_layers
         )
+        if cfg.strategy.server_checkpointing:  # the twin's flag: emulators train as they are
+            plain: Any = self.model.get_base_model()
+            plain.gradient_checkpointing_enable({"use_reentrant": False})
         # Fresh LoRA: A random (seeded), B zero, so the plug-in starts equal to the base model.
         self.initial_state = initial_adapter_state(get_adapter_state(self.model), cfg.seed)
         self.full_ft = cfg.strategy.name == "fed_ft"
@@ -184,15 +187,14 @@ class ServerModel:
         candidates = candidate_modules(self.base, pl.candidates, self.adapter_layers)
         self.module_shapes = {n: (m.out_features, m.in_features) for n, m in candidates.items()}
         calibration = self.train_data or self.held_out
-        self.scores = importance_scores(
-            self.base,
-            candidates,
-            calibration,
-            self.cfg.train.batch_size,
-            pl.calibration_batches,
-            self.pad_id,
-            self.device,
-        )
+        # On a twin of the base (same tensors: the candidates' weights get their gradients),
+        # recomputing activations as the server's training does.
+        twin = sharing_twin(self.base)
+        if self.cfg.strategy.server_checkpointing:
+            twin.gradient_checkpointing_enable({"use_reentrant": False})
+        t = self.cfg.train
+        args = (t.batch_size, pl.calibration_batches, self.pad_id, self.device, t.loss_chunk)
+        self.scores = importance_scores(twin, candidates, calibration, *args)
         costs = {n: lora_params(self.module_shapes, [n], pl.server_rank) for n in candidates}
         budget = pl.budget_fraction * sum(costs.values())
         if a.modules:

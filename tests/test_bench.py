@@ -341,3 +341,17 @@ def test_deploy_private_summary_reads_each_partners_rounds() -> None:
     text = markdown({**s, "machine": "m", "rounds_run": 1, "status": "finished:completed"})
     assert "| 1 | 100.00 | ok (40 examples, keep 0.2, 4-bit); ok (30 examples" in text
     assert "[30, 40] (all private: True)" in text
+
+
+def test_default_run_overhead_by_hand() -> None:
+    from bench.default_run import overhead
+
+    text, fig = overhead(ROWS, workers=2)
+    r1, r2, r3 = fig["rounds"]
+    # round 1: 60 s of wall over devices' (6 + 4) / 2 + the server's 5 s training + 8 s eval
+    assert r1["ratio"] == pytest.approx(60 / (5 + 5 + 8)) and r1["server_train_s"] == 5.0
+    # round 2: 30 s over 5 / 2 s of device training (no server figures recorded)
+    assert r2["ratio"] == pytest.approx(30 / 2.5)
+    assert r3["devices"] == 0  # nothing measured: no ratio, and it does not count
+    assert fig["worst_later_round"] == pytest.approx(12.0) and not fig["met"]
+    assert "| 1 | 2 | 60.0 | 5.0 | 5.0 | 8.0 | 3.33 |" in text

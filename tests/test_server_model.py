@@ -183,3 +183,16 @@ def test_the_derived_deadline_is_the_fleets_not_only_the_chosen_devices() -> Non
     assert fleet_deadline > 2 * own_deadline
     assert own_deadline < plan.time_s <= fleet_deadline
     assert (plan.rank, plan.batch) != (min(cfg.planner.ranks), min(cfg.planner.batch_sizes))
+
+
+def test_server_training_with_checkpointing_equals_without() -> None:
+    """Activation checkpointing changes what is kept for the backward, not the update; it is
+    the plug-in twin's setting, the base model (emulators are cut from it) is untouched."""
+    states = {}
+    for on in (False, True):
+        server = ServerModel(compose(f"experiment=tiny strategy.server_checkpointing={on}"))
+        states[on], _, _ = server.train(server.initial_state, 1)
+        assert server.model.get_base_model().model.gradient_checkpointing is on
+        assert not server.base.model.gradient_checkpointing
+    for key in states[True]:
+        np.testing.assert_array_equal(states[True][key], states[False][key])

@@ -421,6 +421,10 @@ class StrategyConfig:
     server_train: bool = True
     """The server trains the adapter on the full model with its own data each round, and its
     update is aggregated with the devices' (FedPEAT's server-device collaboration)."""
+    server_checkpointing: bool = True
+    """The server's training recomputes each decoder layer's activations in the backward pass
+    (activation checkpointing): its memory stays near the full model's weights instead of
+    adding every layer's activations, for about a third more compute in that step."""
     min_replies: int = 1
     """Valid device updates a round needs to be aggregated; with fewer, the global adapter stays
     as it was (the server's own update alone does not count)."""
