@@ -234,7 +234,9 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
     for name, r in rows.items():
         net = r["train_peak_mb"] - r["runtime_mb"]
         est = prep["estimate_mb"].get(name)
-        flops = prep["flop_ratio"].get(name.removeprefix("keep").split("-")[0])
+        flops = {str(k): v for k, v in prep["flop_ratio"].items()}.get(
+            name.removeprefix("keep").split("-")[0]
+        )
         if flops and name.startswith("keep"):
             speed[name] = r["tokens_per_s"] / ref / flops
         lines.append(

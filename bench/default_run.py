@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -114,7 +115,7 @@ def overhead(rows: list[dict[str, Any]], workers: int) -> tuple[str, dict[str, A
         "profile query s",
         "exchanges beyond device work s (share of wall)",
     ]
-    later = [o["ratio"] for o in out if o["round"] >= 2]
+    later = [o["ratio"] for o in out if o["round"] >= 2 and math.isfinite(o["ratio"])]
     worst = max(later) if later else float("nan")
     return table(header, lines), {
         "rounds": out,

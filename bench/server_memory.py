@@ -67,6 +67,7 @@ def measure(overrides: str) -> dict[str, Any]:
     import torch
 
     from fedpeat.config import compose
+    from fedpeat.model import cache_dir
     from fedpeat.server_model import ServerModel
     from strategies.round_stats import to_record
 
@@ -80,7 +81,17 @@ def measure(overrides: str) -> dict[str, Any]:
     server = ServerModel(cfg)
     phases["load"], seconds["load"] = peak_rss_mb() - runtime, time.perf_counter() - began
 
-    began, package_mb, levels = time.perf_counter(), 0.0, server.device_levels()
+    began, levels = time.perf_counter(), server.device_levels()
+    cached = cache_dir() / "emulators"
+    before = {p.name: p.stat().st_mtime for p in cached.glob("*.safetensors")}
+    reset_peak()
+    for level in levels:  # a machine's first run distils them (then they come from its cache)
+        server.emulator(level)
+    after = {p.name: p.stat().st_mtime for p in cached.glob("*.safetensors")}
+    phases["emulators"], seconds["emulators"] = peak_rss_mb() - runtime, time.perf_counter() - began
+
+    began, package_mb = time.perf_counter(), 0.0
+    reset_peak()
     for level in levels:
         record = to_record(server.package(level).state)
         package_mb = max(package_mb, record.count_bytes() / 2**20)
@@ -88,6 +99,7 @@ def measure(overrides: str) -> dict[str, Any]:
     phases["packages"], seconds["packages"] = peak_rss_mb() - runtime, time.perf_counter() - began
 
     began = time.perf_counter()
+    reset_peak()
     state = server.initial_state
     plugin = server.evaluate(state).ppl
     state, _, _ = server.train(state, 1)
@@ -95,6 +107,7 @@ def measure(overrides: str) -> dict[str, Any]:
     phases["round"], seconds["round"] = peak_rss_mb() - runtime, time.perf_counter() - began
 
     began = time.perf_counter()
+    reset_peak()
     with tempfile.TemporaryDirectory() as tmp:
         server.save_adapter(state, str(Path(tmp) / "adapter"), "base")
         server.save_merged(state, str(Path(tmp) / "merged"))
@@ -110,6 +123,8 @@ def measure(overrides: str) -> dict[str, Any]:
         "base_mb": _weights_mb(server.base),
         "package_mb": package_mb,
         "phase_peak_mb": phases,
+        # Distilled here (a cache miss: this machine's first run) or loaded from the cache.
+        "distilled_here": after != before,
         "phase_s": seconds,
         "plugin_ppl": plugin,
         "emulator_ppl": gap,
@@ -122,17 +137,24 @@ def report(rows: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
         "parameters",
         "base weights MB",
         "one package MB",
-        "peak - runtime MB",
+        "peak - runtime MB (every run)",
         "ratio to base + package",
-        "target",
-        "peak after load / packages / round / export MB",
+        "first run: distillation peak MB (ratio)",
+        "phase peaks: load / emulators / packages / round / export MB",
     ]
     lines, summary = [], {}
     for name, r in rows.items():
-        peak = max(r["phase_peak_mb"].values())
-        ratio = peak / (r["base_mb"] + r["package_mb"])
-        summary[name] = {"peak_mb": peak, "ratio": ratio, "met": ratio <= TARGET}
         p = r["phase_peak_mb"]
+        peak = max(v for k, v in p.items() if k != "emulators" or not r["distilled_here"])
+        bound = r["base_mb"] + r["package_mb"]
+        ratio, first = peak / bound, max(p.values()) / bound
+        summary[name] = {
+            "peak_mb": peak,
+            "ratio": ratio,
+            "met": ratio <= TARGET,
+            "first_run_peak_mb": max(p.values()),
+            "first_run_ratio": first,
+        }
         lines.append(
             [
                 name,
@@ -140,9 +162,11 @@ def report(rows: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
                 f"{r['base_mb']:.0f}",
                 f"{r['package_mb']:.0f}",
                 f"{peak:.0f}",
-                f"{ratio:.2f}",
-                f"<= {TARGET} ({'met' if ratio <= TARGET else 'missed'})",
-                " / ".join(f"{p[k]:.0f}" for k in ("load", "packages", "round", "export")),
+                f"{ratio:.2f} (<= {TARGET}: {'met' if ratio <= TARGET else 'missed'})",
+                f"{p['emulators']:.0f} ({first:.2f})" if r["distilled_here"] else "cached",
+                " / ".join(
+                    f"{p[k]:.0f}" for k in ("load", "emulators", "packages", "round", "export")
+                ),
             ]
         )
     return table(header, lines), summary
