@@ -93,7 +93,7 @@ def measure(overrides: str) -> dict[str, Any]:
     began, package_mb = time.perf_counter(), 0.0
     reset_peak()
     for level in levels:
-        record = to_record(server.package(level).state)
+        record = to_record(server.package(level).state, consume=True)  # as the strategy does
         package_mb = max(package_mb, record.count_bytes() / 2**20)
         del record
     phases["packages"], seconds["packages"] = peak_rss_mb() - runtime, time.perf_counter() - began

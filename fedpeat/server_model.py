@@ -141,7 +141,6 @@ class ServerModel:
             sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear))
             for layer in prefix
         ]
-        self._packages: dict[float, Package] = {}
         self._refs: dict[float, tuple[Package, int]] = {}
         self.emulators: dict[float, Emulator] = {}
         self._model_digest = ""
@@ -374,14 +373,12 @@ class ServerModel:
         distilled_in_place(emulator, *args, wire, path, key)
 
     def package(self, level: float) -> Package:
-        """The wire package at `level`, with its tensors: built when sent, and only the last one
-        kept (a package is half an emulator at fp16); `package_ref` answers everything else."""
-        if level not in self._packages:
-            self._packages.clear()
-            pkg = package(self.emulator(level), getattr(torch, self.cfg.emulator.wire_dtype))
-            self._packages[level] = pkg
-            self._refs[level] = (replace(pkg, state={}), pkg.nbytes)
-        return self._packages[level]
+        """The wire package at `level`, with its tensors, built afresh for the caller to send
+        (and drop: the server keeps none, half an emulator each at fp16); `package_ref`
+        answers everything else."""
+        pkg = package(self.emulator(level), getattr(torch, self.cfg.emulator.wire_dtype))
+        self._refs[level] = (replace(pkg, state={}), pkg.nbytes)
+        return pkg
 
     def package_ref(self, level: float) -> tuple[Package, int]:
         """The package at `level` without its tensors (digest, layer map, config) and its size

@@ -269,7 +269,8 @@ class FedPEAT(Strategy):
             ref = EmulatorRef.of(self.server.package_ref(level)[0])
             if ref.digest not in self.fleet.holdings.get(node, set()):  # tensors only if sent
                 if level not in self._records:
-                    self._records[level] = to_record(self.server.package(level).state)
+                    pkg = self.server.package(level)
+                    self._records[level] = to_record(pkg.state, consume=True)
                 content[EMULATOR_KEY] = record = self._records[level]
                 sent_bytes = record.count_bytes()
                 stats.exchanges += 1

@@ -41,8 +41,15 @@ def content_bytes(content: RecordDict) -> int:
     return int(arrays + scalars)
 
 
-def to_record(state: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+def to_record(state: dict[str, np.ndarray], consume: bool = False) -> ArrayRecord:
+    """`state` as a Flower record; `consume` empties `state` tensor by tensor as it goes, so
+    a large one (an emulator package) is not held twice."""
+    if not consume:
+        return ArrayRecord(array_dict={k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+    arrays = {}
+    for key in list(state):
+        arrays[key] = Array(np.ascontiguousarray(state.pop(key)))
+    return ArrayRecord(array_dict=arrays)
 
 
 def from_record(record: ArrayRecord) -> dict[str, np.ndarray]:

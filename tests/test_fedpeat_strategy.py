@@ -93,3 +93,17 @@ def test_server_seconds_by_hand() -> None:
     assert server_seconds(cfg, 1_000_000) == pytest.approx(0.08192)
     off = compose("strategy.server_train=false emulator=none controller=none")
     assert server_seconds(off, 1_000_000) == pytest.approx(2 * 3072 * 1e6 / 200e9)
+
+
+def test_a_consumed_state_becomes_the_same_record() -> None:
+    import numpy as np
+
+    from strategies.round_stats import from_record, to_record
+
+    state = {"a": np.arange(6, dtype=np.float16).reshape(2, 3), "b": np.ones(4, np.float32)}
+    want = {k: v.copy() for k, v in state.items()}
+    record = to_record(state, consume=True)
+    assert state == {}  # each tensor left the dict as it went into the record
+    got = from_record(record)
+    assert got.keys() == want.keys()
+    assert all(np.array_equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want)

@@ -49,7 +49,7 @@ def _ptrs(module: torch.nn.Module) -> set[int]:
 def test_the_server_holds_one_copy_of_the_weights() -> None:
     """The plug-in model and every emulator are views of the base model's tensors; an emulator
     owns only its middle layers, one emulator is resident at a time, and every package built
-    stays known by digest and size after its tensors are dropped."""
+    stays known by digest and size while the server keeps none of its tensors."""
     from fedpeat.emulator import build_emulator, middle_parameters, package
 
     server = ServerModel(compose("experiment=tiny emulator.distill.steps=2"))
@@ -64,7 +64,6 @@ def test_the_server_holds_one_copy_of_the_weights() -> None:
         assert list(server.emulators) == [level]  # the previous one was dropped
         pkg = server.package(level)
         digests[level] = pkg.digest
-        assert list(server._packages) == [level]
         # The same wire bytes as an emulator built as a full copy and distilled the same way.
         copied = build_emulator(server.base, level, 1, 1, scores=server.layer_scores)
         with torch.no_grad():
