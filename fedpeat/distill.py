@@ -223,8 +223,8 @@ def distilled_in_place(
     written for `key` (the derivation: model, layers, recipe, data), else by distilling them
     here (`distill`), rounded through the wire dtype as a device holds them, and cached. Only
     the middle layers change; a view's shared tensors (the full model's) stay untouched."""
-    cached = load_cached(path, key)
     middle = middle_parameters(emulator)
+    cached = load_cached(path, key, keep=set(middle))  # the rest is the full model's own
     if cached is not None and set(middle) <= set(cached.state):
         log.info("emulator keep=%.2f: distilled copy from the cache", emulator.keep_ratio)
         with torch.no_grad():

@@ -310,14 +310,25 @@ def wire_state(
 
 def content_hash(config_json: str, layers: Sequence[int], state: Mapping[str, np.ndarray]) -> str:
     """SHA-256 over config, kept layer indices and every tensor (name, dtype, shape, bytes)."""
+    h = hash_start(config_json, layers)
+    for key in sorted(state):
+        hash_tensor(h, key, state[key])
+    return h.hexdigest()
+
+
+def hash_start(config_json: str, layers: Sequence[int]) -> Any:
+    """`content_hash` in parts, for a reader that streams the tensors: the header first, then
+    `hash_tensor` for each tensor in sorted key order."""
     h = hashlib.sha256()
     h.update(config_json.encode())
     h.update(json.dumps(list(layers)).encode())
-    for key in sorted(state):
-        arr = np.ascontiguousarray(state[key])
-        h.update(f"{key}|{arr.dtype.str}|{arr.shape}".encode())
-        h.update(arr.data)  # the buffer itself, no copy
-    return h.hexdigest()
+    return h
+
+
+def hash_tensor(h: Any, key: str, value: np.ndarray) -> None:
+    arr = np.ascontiguousarray(value)
+    h.update(f"{key}|{arr.dtype.str}|{arr.shape}".encode())
+    h.update(arr.data)  # the buffer itself, no copy
 
 
 @dataclass

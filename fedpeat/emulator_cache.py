@@ -8,13 +8,14 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fedpeat.emulator import EmulatorError, Package, content_hash
+from fedpeat.emulator import EmulatorError, Package, hash_start, hash_tensor
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +33,24 @@ def save_package(pkg: Package, directory: Path) -> Path:
     return path
 
 
-def _read_package(path: Path, digest: str | None) -> tuple[Package, dict[str, Any]]:
-    """A package file's tensors and metadata (`digest`: the name it was asked by; None: the one
-    its metadata records); not verified here."""
+def _read_package(
+    path: Path, digest: str | None, keep: Collection[str] | None = None
+) -> tuple[Package, dict[str, Any], str]:
+    """A package file's tensors (only those in `keep`, when given), metadata and the digest of
+    its content, hashed tensor by tensor as they are read (a tensor not kept is dropped at
+    once, so verifying a file never holds all of it); `digest`: the name it was asked by
+    (None: the one its metadata records)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="numpy") as f:
         meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
+        h = hash_start(meta["config"], meta["layers"])
+        state = {}
+        for key in sorted(f.keys()):
+            value = f.get_tensor(key)
+            hash_tensor(h, key, value)
+            if keep is None or key in keep:
+                state[key] = value
     pkg = Package(
         meta["config"],
         list(meta["layers"]),
@@ -50,7 +61,7 @@ def _read_package(path: Path, digest: str | None) -> tuple[Package, dict[str, An
         state,
         meta["digest"] if digest is None else digest,
     )
-    return pkg, meta
+    return pkg, meta, h.hexdigest()
 
 
 def load_package(directory: Path, digest: str) -> Package:
@@ -60,8 +71,8 @@ def load_package(directory: Path, digest: str) -> Package:
     if not path.is_file():
         raise EmulatorError(f"emulator {digest[:12]} is not in the device cache")
     try:
-        pkg, _ = _read_package(path, digest)
-        if content_hash(pkg.config_json, pkg.layers, pkg.state) != digest:
+        pkg, _, actual = _read_package(path, digest)
+        if actual != digest:
             raise EmulatorError("content hash mismatch")
     except Exception as err:  # unreadable, truncated or tampered: never train on it
         path.unlink(missing_ok=True)
@@ -96,17 +107,18 @@ def save_cached(pkg: Package, path: Path, key: str) -> None:
     tmp.replace(path)
 
 
-def load_cached(path: Path, key: str) -> Package | None:
-    """The emulator cached at `path` under `key`, or None when absent; a file that is corrupt
-    or was written for another key is deleted (and None returned), never trained on."""
+def load_cached(path: Path, key: str, keep: Collection[str] | None = None) -> Package | None:
+    """The emulator cached at `path` under `key` (only the tensors in `keep`, when given; the
+    whole file is verified either way), or None when absent; a file that is corrupt or was
+    written for another key is deleted (and None returned), never trained on."""
 
     if not path.is_file():
         return None
     try:
-        pkg, meta = _read_package(path, None)
+        pkg, meta, actual = _read_package(path, None, keep)
         if meta.get("key") != key:
             raise EmulatorError("written for another derivation")
-        if content_hash(pkg.config_json, pkg.layers, pkg.state) != pkg.digest:
+        if actual != pkg.digest:
             raise EmulatorError("content hash mismatch")
     except Exception as err:  # unreadable, truncated or tampered: derive it again
         log.warning("cached emulator %s is unusable (%s); deriving it again", path.name, err)

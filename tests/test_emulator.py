@@ -3,6 +3,8 @@ device cache."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -200,6 +202,29 @@ def test_corrupt_cache_file_is_dropped(tmp_path, emulator) -> None:
     assert not path.exists()
     with pytest.raises(EmulatorError, match="not in the device cache"):
         load_package(tmp_path, pkg.digest)
+
+
+def test_a_derived_emulator_reads_back_only_what_is_kept(tmp_path, emulator) -> None:
+    """`load_cached(keep=...)` returns only the kept tensors but verifies the whole file: a
+    flipped byte in a tensor it does not keep still condemns the file."""
+    from fedpeat.emulator_cache import load_cached, save_cached
+
+    pkg = package(emulator)
+    path = tmp_path / "derived.safetensors"
+    save_cached(pkg, path, "recipe-1")
+    keep = {k for k in pkg.state if ".layers.1." in k}
+    got = load_cached(path, "recipe-1", keep=keep)
+    assert got is not None and set(got.state) == keep and got.digest == pkg.digest
+    assert all(np.array_equal(got.state[k], pkg.state[k]) for k in keep)
+    assert load_cached(path, "recipe-2") is None and not path.exists()  # another derivation
+    save_cached(pkg, path, "recipe-1")
+    raw = bytearray(path.read_bytes())
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+    last = max((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"])
+    assert last not in keep
+    raw[-10] ^= 0xFF  # inside the file's last tensor
+    path.write_bytes(bytes(raw))
+    assert load_cached(path, "recipe-1", keep=keep) is None and not path.exists()
 
 
 def test_held_adapter_layers_by_hand() -> None:
