@@ -167,14 +167,19 @@ def main() -> None:
     rec["overhead"] = figures
     out = write_json("default_run.json", rec)
     verdict = "met" if figures["met"] else "missed"
+    how = (
+        "`python -m bench.default_run --launch`, as `make run` starts it"
+        if args.launch
+        else "a `make run` recorded by `python -m bench.default_run`"
+    )
     write_md(
         "overhead.md",
         "\n".join(
             [
                 "# Round overhead under `flwr run`",
                 "",
-                f"The default experiment (`python -m bench.default_run --launch`, as `make run`) "
-                f"in Ray simulation on {rec['machine']}: {DEVICES} devices, one CPU each, "
+                f"The default experiment ({how}) in Ray simulation on {rec['machine']}: "
+                f"{DEVICES} devices, one CPU each, "
                 f"{workers} training at once. Training is the round's: the devices' local "
                 "training per worker plus the server's own training step; evaluation is the "
                 "server's (plug-in and gap). The devices' evaluation of the adapter they received "
