@@ -33,21 +33,42 @@ def save_package(pkg: Package, directory: Path) -> Path:
     return path
 
 
+_DTYPES = {
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+
+
 def _read_package(
     path: Path, digest: str | None, keep: Collection[str] | None = None
 ) -> tuple[Package, dict[str, Any], str]:
     """A package file's tensors (only those in `keep`, when given), metadata and the digest of
     its content, hashed tensor by tensor as they are read (a tensor not kept is dropped at
-    once, so verifying a file never holds all of it); `digest`: the name it was asked by
-    (None: the one its metadata records)."""
-    from safetensors import safe_open
+    once); `digest`: the name it was asked by (None: the one its metadata records).
 
-    with safe_open(str(path), framework="numpy") as f:
-        meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+    The file is read, not memory-mapped: the safetensors layout (an 8-byte header length, a
+    JSON header of dtype, shape and byte offsets, then the data) read tensor by tensor, so
+    verifying a large package never maps all of it into the process."""
+    with path.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+        meta = {k: json.loads(v) for k, v in header.pop("__metadata__", {}).items()}
         h = hash_start(meta["config"], meta["layers"])
         state = {}
-        for key in sorted(f.keys()):
-            value = f.get_tensor(key)
+        for key in sorted(header):
+            info = header[key]
+            start, end = info["data_offsets"]
+            f.seek(8 + size + start)
+            value = np.empty(info["shape"], dtype=_DTYPES[info["dtype"]])
+            if value.nbytes != end - start or f.readinto(value.data.cast("B")) != end - start:
+                raise EmulatorError(f"{key}: {end - start} bytes on disk for {value.nbytes}")
             hash_tensor(h, key, value)
             if keep is None or key in keep:
                 state[key] = value

@@ -4,6 +4,7 @@ builds, prices and packages for devices."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import logging
@@ -333,7 +334,9 @@ class ServerModel:
         model, level, layer choice, recipe and data were distilled before. One is resident at
         a time (the server's memory stays at the base model plus one emulator's middle)."""
         if level not in self.emulators:
-            self.emulators.clear()  # before building: never two middles at once
+            if self.emulators:  # before building: never two middles at once (a model's module
+                self.emulators.clear()  # tree holds reference cycles: collect them now)
+                gc.collect()
             e = self.cfg.emulator
             wire = getattr(torch, e.wire_dtype)
             emulator = shared_emulator(self.base, level, e.bottom, e.top, wire, self.layer_scores)
