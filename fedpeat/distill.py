@@ -228,8 +228,8 @@ def distilled_in_place(
     if cached is not None and set(middle) <= set(cached.state):
         log.info("emulator keep=%.2f: distilled copy from the cache", emulator.keep_ratio)
         with torch.no_grad():
-            for k, p in middle.items():
-                p.copy_(torch.from_numpy(cached.state[k]).to(p.dtype))
+            for k, p in middle.items():  # each cached tensor freed once copied
+                p.copy_(torch.from_numpy(cached.state.pop(k)).to(p.dtype))
     else:
         distill(emulator, full, data, cfg, pad_id, device)
         with torch.no_grad():
