@@ -79,10 +79,10 @@ def test_training_memory_uses_the_compute_width_for_the_unquantized_rest() -> No
     assert training_memory_bytes(
         QUANT_SHAPE, 100, 1, 2, bits=4, act_bytes=2, compute_bits=16
     ) == pytest.approx(1050 + 1600 + 748.8 + 480 + 96 * 2**20)
-    # int8 keeps a second layout of its 800 linear weights (1 byte each) for the backward.
+    # int8 keeps 2 more bytes per linear weight (a second layout and scratch): 800 * 2.
     assert training_memory_bytes(
         QUANT_SHAPE, 100, 1, 2, bits=8, act_bytes=2, compute_bits=16
-    ) == pytest.approx(1400 + 800 + 1600 + 748.8 + 480 + 96 * 2**20)
+    ) == pytest.approx(1400 + 1600 + 1600 + 748.8 + 480 + 96 * 2**20)
 
 
 def test_shannon_rate_by_hand() -> None:
