@@ -14,7 +14,9 @@ device would hold it:
 Memory: `runtime` is the resident size after imports and data, before the model; the training
 peak is VmHWM over the timed steps after the high-water mark is reset once the model is ready
 and has taken one step (so optimizer states exist); `train - runtime` is what training needs
-beyond the interpreter and libraries, the figure the targets and the cost model speak of. Where
+beyond the interpreter and libraries, the figure the targets and the cost model speak of. The
+load's own peak (package read, model filled, weights quantized) is VmHWM over the load; the
+process peak is the higher of the two, load included. Where
 the CPU lacks native bf16, 16-bit steps are emulated and very slow: there the one warm-up step
 is the measured one. Throughput: trained tokens per second over the timed steps; the full model
 and keep 0.5 / 4-bit are profiled for one more step (torch.profiler, self CPU time by operator
@@ -88,7 +90,7 @@ def _model(name: str, cfg: Any, pkg_dir: Path) -> Any:
     keep, bits = name.removeprefix("keep").split("-")
     digest = (pkg_dir / f"{keep}.digest").read_text()
     dtype = compute_dtype(int(bits), model_dtype, bf16)
-    emulator = unpackage(load_package(pkg_dir / keep, digest), dtype=dtype)
+    emulator = unpackage(load_package(pkg_dir / keep, digest), dtype=dtype, consume=True)
     quantize_frozen(emulator.model, int(bits), cpu, dtype)
     return attach_lora(emulator.model, cfg.adapter, layers=emulator.adapter_layers)
 
@@ -225,8 +227,14 @@ def _label(name: str, layers: dict[str, int]) -> str:
     return f"FedPEAT emulator keep {keep} ({layers[keep]} layers), {bits}-bit {kind}"
 
 
+def process_peak_mb(row: dict[str, Any]) -> float:
+    """The process's whole peak: the load's or the training's, whichever is higher."""
+    return float(max(row["train_peak_mb"], row.get("load_peak_mb", 0.0)))
+
+
 def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, Any]:
     fed = rows["fed_ft"]
+    fed_proc = process_peak_mb(fed)
     fed_net = fed["train_peak_mb"] - fed["runtime_mb"]
     ref = rows["full_lora"]["tokens_per_s"]
     layers = {str(k): v for k, v in prep["layers"].items()}
@@ -245,8 +253,8 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
                 f"{net:.0f}",
                 f"{net / fed_net:.3f}",
                 f"1/{fed_net / net:.1f}",
-                f"{r['train_peak_mb']:.0f}",
-                f"{r['train_peak_mb'] / fed['train_peak_mb']:.2f}",
+                f"{process_peak_mb(r):.0f}",
+                f"{process_peak_mb(r) / fed_proc:.2f}",
                 f"{est:.0f}" if est else "-",
                 f"{net / est:.2f}" if est else "-",
                 f"{r['tokens_per_s']:.0f}" + (" (1st step)" if r["first_step_timed"] else ""),
@@ -260,7 +268,7 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
         "train - runtime MB",
         "vs Fed-FT",
         "fraction",
-        "process peak MB",
+        "process peak MB (load or train)",
         "vs Fed-FT",
         "estimate MB",
         "measured / estimate",
@@ -299,7 +307,7 @@ def report(rows: dict[str, dict[str, Any]], prep: dict[str, Any]) -> dict[str, A
             "ratio": ratio,
             "limit": 1 / 8,
             "met": ratio <= 1 / 8,
-            "process_ratio": target["train_peak_mb"] / fed["train_peak_mb"],
+            "process_ratio": process_peak_mb(target) / fed_proc,
         },
         "hot_spots": hot,
         "calibration": calibration,

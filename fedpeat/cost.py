@@ -18,9 +18,10 @@ Memory of one local LoRA training step (the level chooser and the planner use it
   runtime             a fixed allowance for the framework (weights of other processes are not
                       counted; it is a per-process figure)
 
-Loading comes before training and can peak higher (`load_memory_bytes`): the wire package
-(fp16) and the model built from it at the compute width are both resident (x 1.1) until the
-package is dropped; quantization comes after, on the built model.
+Loading comes before training (`load_memory_bytes`): the model is filled from the wire package
+(fp16) tensor by tensor, each package tensor freed once copied, so the peak is the larger of
+the package plus the first (embedding) tensor at the compute width, and the built model (x 1.1);
+quantization comes after, replacing one weight at a time, and stays below it.
 
 The factors (1.2, 6 copies, the int8 layout, 1.1 on load) are calibrated on measured peaks of
 the default model, every level at 32, 8 and 4 bits (`python -m bench.client_memory`,
@@ -151,10 +152,12 @@ LOAD_FACTOR = 1.1
 
 
 def load_memory_bytes(shape: ModelShape, compute_bits: int = 32) -> float:
-    """Peak bytes while a device loads an emulator from its fp16 wire package: the package and
-    the model built from it at the compute width are resident together (quantization comes
-    after, on the built model)."""
-    return LOAD_FACTOR * shape.params * (compute_bits / 8 + 2)
+    """Peak bytes while a device loads an emulator from its fp16 wire package, consumed as the
+    model is filled: at the start the whole package and the embedding's copy at the compute
+    width, at the end the built model (quantization, one weight at a time, stays below)."""
+    width = compute_bits / 8
+    start = shape.params * 2 + shape.vocab * shape.hidden * width
+    return LOAD_FACTOR * max(start, shape.params * width)
 
 
 def choose_level(

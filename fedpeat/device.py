@@ -204,7 +204,8 @@ def _emulator_model(
     if key not in _EMULATORS:
         pkg = load_package(device_cache(node_key), ref.digest)  # verifies; drops a corrupt file
         dtype = getattr(torch, plan.compute_dtype or plan.model.dtype)
-        emulator = unpackage(pkg, dtype=dtype, verify=False)
+        emulator = unpackage(pkg, dtype=dtype, verify=False, consume=True)
+        del pkg
         quantize_frozen(emulator.model, plan.bits, device, dtype)
         adapter = plan.adapter
         if adapter.modules:  # full-model names -> this emulator's layer indices

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from fedpeat.model import sharing_twin
+from fedpeat.quantization import TRIM_EVERY_BYTES, trim_heap
 
 
 class EmulatorError(ValueError):
@@ -137,13 +138,22 @@ def _subset_config(config: Any, layers: Sequence[int]) -> Any:
 
 
 def _model_from_state(
-    config: Any, state: Mapping[str, torch.Tensor | np.ndarray], dtype: torch.dtype
+    config: Any,
+    state: Mapping[str, torch.Tensor | np.ndarray],
+    dtype: torch.dtype,
+    consume: bool = False,
 ) -> PreTrainedModel:
     """Instantiate `config` without random init (buffers such as RoPE's are computed), then
     copy `state` in tensor by tensor, so a device never holds a second full copy of the
-    weights; every parameter must be covered (a tied head through its embedding)."""
+    weights; every parameter must be covered (a tied head through its embedding).
+
+    With `consume` (`state` a dict nobody else reads), each source tensor is dropped once
+    copied: the model's uninitialised tensors take memory only as they are written, so the
+    load peaks near the larger of the package and the built model, not their sum."""
     from transformers.initialization import no_init_weights
 
+    if consume:  # free heap pages reused by the new tensors would count before being written
+        trim_heap()
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.tie_weights()
@@ -152,8 +162,10 @@ def _model_from_state(
     if unexpected:
         raise EmulatorError(f"emulator tensors do not fit its config: unexpected {unexpected[:3]}")
     filled: set[int] = set()
+    freed = 0
     with torch.no_grad():
-        for key, value in state.items():
+        for key in list(state):
+            value = state.pop(key) if consume and isinstance(state, dict) else state[key]
             src = (
                 torch.from_numpy(np.ascontiguousarray(value))
                 if isinstance(value, np.ndarray)
@@ -166,6 +178,11 @@ def _model_from_state(
                 )
             target[key].copy_(src)
             filled.add(target[key].untyped_storage().data_ptr())
+            freed += src.nbytes if consume else 0
+            del value, src  # with `consume`, the last reference to the package's tensor
+            if freed >= TRIM_EVERY_BYTES:  # glibc keeps freed heap until asked to return it
+                trim_heap()
+                freed = 0
     missing = sorted(k for k, v in target.items() if v.untyped_storage().data_ptr() not in filled)
     # Non-persistent buffers (RoPE frequencies) are computed, not stored: they need no state.
     buffers = {name for name, _ in model.named_buffers()}
@@ -376,8 +393,13 @@ def package(emulator: Emulator, wire_dtype: torch.dtype = torch.float16) -> Pack
     )
 
 
-def unpackage(pkg: Package, dtype: torch.dtype = torch.float32, verify: bool = True) -> Emulator:
-    """Rebuild the emulator model from its wire form (checking the digest unless told not to)."""
+def unpackage(
+    pkg: Package, dtype: torch.dtype = torch.float32, verify: bool = True, consume: bool = False
+) -> Emulator:
+    """Rebuild the emulator model from its wire form (checking the digest unless told not to).
+
+    `consume` empties `pkg.state` tensor by tensor as the model is filled (a device's load:
+    the package is not needed afterwards, and holding it beside the model doubled the peak)."""
     if verify:
         actual = content_hash(pkg.config_json, pkg.layers, pkg.state)
         if actual != pkg.digest:
@@ -385,7 +407,7 @@ def unpackage(pkg: Package, dtype: torch.dtype = torch.float32, verify: bool = T
                 f"emulator {pkg.digest[:12]}: content hash mismatch ({actual[:12]})"
             )
     config = AutoConfig.for_model(**json.loads(pkg.config_json))
-    model = _model_from_state(config, pkg.state, dtype)
+    model = _model_from_state(config, pkg.state, dtype, consume=consume)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

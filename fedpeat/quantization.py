@@ -22,6 +22,9 @@ from pathlib import Path
 import torch
 
 _LAYER = ".layers."
+TRIM_EVERY_BYTES = 16 * 2**20
+"""While weights are replaced one by one, freed memory goes back to the OS every this many
+bytes (glibc keeps freed heap until asked)."""
 
 
 def fast_bf16(device: torch.device) -> bool:
@@ -70,7 +73,10 @@ def quantize_frozen(
         for child_name, child in parent.named_children()
         if isinstance(child, torch.nn.Linear) and _LAYER in f".{name}.{child_name}"
     ]
-    for parent, child_name, linear in targets:
+    freed = 0
+    targets.reverse()
+    while targets:  # popped, so each full-width weight's last reference goes with its layer
+        parent, child_name, linear = targets.pop()
         dtype = linear.weight.dtype
         weight = linear.weight.data.to("cpu")
         layer: torch.nn.Module
@@ -97,7 +103,11 @@ def quantize_frozen(
             layer.bias = torch.nn.Parameter(linear.bias.data.to("cpu"), requires_grad=False)
         # Moving a bnb parameter onto a device is what quantizes it.
         setattr(parent, child_name, layer.to(device))
-    del targets
+        freed += weight.nbytes
+        del parent, linear, weight, layer
+        if freed >= TRIM_EVERY_BYTES:  # so the freed full-width weights do not pile up
+            trim_heap()
+            freed = 0
     release_freed_memory()
     return model.to(device)
 
@@ -105,11 +115,18 @@ def quantize_frozen(
 def release_freed_memory() -> None:
     """Hand the freed full-width weights back to the OS (glibc keeps freed heap otherwise, and a
     device's resident memory would stay at the unquantized size)."""
-    import contextlib
-    import ctypes
     import gc
 
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Return the heap's free pages to the OS (glibc's `malloc_trim`), without a collection:
+    cheap enough to call while a model is filled tensor by tensor."""
+    import contextlib
+    import ctypes
+
     with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 

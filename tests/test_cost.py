@@ -53,9 +53,15 @@ def test_memory_estimate_by_hand() -> None:
 
 
 def test_load_peak_by_hand() -> None:
-    # The fp16 package (1000 * 2) and the model at the compute width, x 1.1.
-    assert load_memory_bytes(SHAPE, 32) == pytest.approx(1.1 * (4000 + 2000))
-    assert load_memory_bytes(SHAPE, 16) == pytest.approx(1.1 * (2000 + 2000))
+    # x 1.1 the larger of: the whole fp16 package (1000 * 2) plus the embedding (10 * 4) at
+    # the compute width, or the built model (1000 at the compute width).
+    # 32 bits: max(2000 + 40 * 4 = 2160, 4000) = 4000
+    assert load_memory_bytes(SHAPE, 32) == pytest.approx(1.1 * 4000)
+    # 16 bits: max(2000 + 40 * 2 = 2080, 2000) = 2080
+    assert load_memory_bytes(SHAPE, 16) == pytest.approx(1.1 * 2080)
+    # A large embedding (100 * 8 = 800) sets the start above the end: 2000 + 3200 > 4000.
+    wide = ModelShape(params=1000, layers=2, hidden=8, heads=2, vocab=100)
+    assert load_memory_bytes(wide, 32) == pytest.approx(1.1 * 5200)
 
 
 def test_fewer_layers_need_less_memory() -> None:

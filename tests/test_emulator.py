@@ -189,6 +189,19 @@ def test_wire_form_round_trips_and_hash_is_stable(full, emulator) -> None:
         unpackage(pkg)
 
 
+def test_consumed_package_builds_the_same_model(emulator) -> None:
+    # A device's load frees each package tensor once copied: same weights, empty package.
+    pkg = package(emulator)
+    kept = unpackage(pkg)
+    n_tensors = len(pkg.state)
+    consumed = unpackage(pkg, consume=True)
+    assert pkg.state == {} and n_tensors > 0
+    for (name, a), (_, b) in zip(
+        kept.model.state_dict().items(), consumed.model.state_dict().items(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_corrupt_cache_file_is_dropped(tmp_path, emulator) -> None:
     pkg = package(emulator)
     path = save_package(pkg, tmp_path)
