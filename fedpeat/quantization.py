@@ -89,6 +89,12 @@ def quantize_frozen(
                 quant_type="nf4",
                 device="meta",
             )
+            # On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place for its
+            # inference kernel the first time the layer runs in eval mode without gradients
+            # (a device evaluating the adapter it received), and from then on multiplies by
+            # it with no backward: the gradient stops at every such layer, and LoRA factors
+            # below and beside it stop training. Our layers are trained, so never repack.
+            layer.support_avx512bf16_for_cpu = False
             layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
         else:
             layer = bnb.nn.Linear8bitLt(

@@ -103,3 +103,38 @@ def test_gradients_through_quantized_layers_match_their_dequantized_weights(
         assert (got[name] - want[name]).norm() <= 1e-4 * scale, name
     drift = max(((got[n] - unquantized[n]).norm() / unquantized[n].norm()).item() for n in bottom)
     assert drift > 1e-3
+
+
+def test_an_evaluation_leaves_the_4bit_backward_intact(
+    tiny_cfg, tokenizer, data, monkeypatch
+) -> None:
+    # bitsandbytes repacks a 4-bit weight for its CPU inference kernel (on AVX512-BF16 CPUs)
+    # the first time the layer runs in eval mode without gradients, and that kernel has no
+    # backward. Claim the CPU has it, so the repack would happen on any machine.
+    import bitsandbytes.nn.modules as bnb_modules
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    full = load_model(tiny_cfg.model, cached=False)
+    quantize_frozen(full, 4, CPU, torch.float32)
+    model = attach_lora(full, tiny_cfg.adapter)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # non-zero, so every adapter factor has a gradient
+            torch.nn.init.normal_(p, std=0.1)
+    pad = tokenizer.pad_token_id
+    batch = data[:4]
+
+    def grads() -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        model.train()
+        ids = torch.nn.utils.rnn.pad_sequence(
+            [torch.tensor(e.input_ids) for e in batch], batch_first=True, padding_value=pad
+        )
+        model(input_ids=ids, labels=ids.masked_fill(ids == pad, -100)).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    before = grads()
+    evaluate_ppl(model, data, 4, pad, CPU)  # eval mode, no gradients: where the repack happened
+    after = grads()
+    assert before.keys() == after.keys() and len(before) == 2 * 7 * len(full.model.layers)
+    for name, g in before.items():
+        torch.testing.assert_close(after[name], g, msg=name)
