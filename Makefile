@@ -27,7 +27,7 @@ SWEEP ?= controller=fixed,random,greedy,oort,ppo
 #   make run OVERRIDES="\"data.prompt_template='Q: {prompt} A: '\""
 export OVERRIDES SWEEP
 
-.PHONY: run test lint bench deps clean-runs sweep pretrain deploy certs
+.PHONY: run test lint bench bench-gpu deps clean-runs sweep pretrain deploy certs
 
 $(BIN)/.deps: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "python3.11 not found"; exit 1; }
@@ -75,6 +75,11 @@ lint: $(BIN)/.test-deps
 
 bench: $(BIN)/.deps
 	$(BIN)/python -m bench $(ARGS)
+
+# The GPU figures (bench/gpu.sh: NF4 on CUDA, the device and server tables on the GPU, Ray GPU
+# fractions); `make bench-gpu ARGS=--dry-run` runs the same steps small on a CPU.
+bench-gpu: $(BIN)/.deps
+	bash bench/gpu.sh $(ARGS)
 
 clean-runs:
 	rm -rf runs

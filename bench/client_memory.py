@@ -23,7 +23,7 @@ and keep 0.5 / 4-bit are profiled for one more step (torch.profiler, self CPU ti
 and input shapes) to name what bounds a step.
 Writes bench/results/client_memory.{json,md}.
 
-    python -m bench.client_memory [--steps 2] [--overrides "..."]
+    python -m bench.client_memory [--steps 2] [--overrides "..."] [--device cuda]
 """
 
 from __future__ import annotations
@@ -41,6 +41,9 @@ from typing import Any
 
 from bench.common import (
     RESULTS,
+    cuda_mb,
+    cuda_peak_mb,
+    cuda_reset_peak,
     machine,
     peak_rss_mb,
     reset_peak,
@@ -54,14 +57,21 @@ LEVELS = (0.5, 0.4, 0.3, 0.2)  # the default emulator levels (conf/emulator), an
 BITS = (32, 8, 4)  # frozen-weight widths the planner offers on a CPU without native bf16
 FULL_FT_LR = 5.0e-5  # experiment=fed_ft's rate; memory does not depend on it
 PROFILED = ("full_lora", "keep0.5-4")
+REQUIRED = {"fed_ft", *PROFILED}  # what the targets are read from; `--only` with `--out` reports
 
 
-def configs() -> list[str]:
-    return ["fed_ft", "flowertune", "full_lora"] + [f"keep{k}-{b}" for b in BITS for k in LEVELS]
+def bits(device: str) -> tuple[int, ...]:
+    """The widths measured: a GPU (native bf16) is offered 16-bit plans too."""
+    return (32, 16, 8, 4) if device == "cuda" else BITS
 
 
-def _model(name: str, cfg: Any, pkg_dir: Path) -> Any:
-    """What the device holds for configuration `name`, ready to train."""
+def configs(device: str = "cpu") -> list[str]:
+    widths = bits(device)
+    return ["fed_ft", "flowertune", "full_lora"] + [f"keep{k}-{b}" for b in widths for k in LEVELS]
+
+
+def _model(name: str, cfg: Any, pkg_dir: Path, device: Any) -> Any:
+    """What the device holds for configuration `name`, ready to train on `device`."""
     import torch
 
     from fedpeat.emulator import adapter_region, unpackage
@@ -72,53 +82,69 @@ def _model(name: str, cfg: Any, pkg_dir: Path) -> Any:
 
     cpu = torch.device("cpu")
     model_dtype = getattr(torch, cfg.model.dtype)
-    bf16 = fast_bf16(cpu)
+    bf16 = fast_bf16(device)
     if name == "fed_ft":
-        model = load_model(cfg.model, cpu, cached=False)
+        model = load_model(cfg.model, device, cached=False)
         for p in model.parameters():
             p.requires_grad_(True)
         return model
     if name == "flowertune":
         base = load_model(cfg.model, cpu, cached=False)
-        quantize_frozen(base, 4, cpu, compute_dtype(4, model_dtype, bf16))
+        quantize_frozen(base, 4, device, compute_dtype(4, model_dtype, bf16))
         return attach_lora(base, cfg.adapter)  # every layer
     if name == "full_lora":
-        base = load_model(cfg.model, cpu, cached=False)
+        base = load_model(cfg.model, device, cached=False)
         n = int(base.config.num_hidden_layers)
         e = cfg.emulator
         return attach_lora(base, cfg.adapter, layers=adapter_region(n, e.bottom, e.top))
-    keep, bits = name.removeprefix("keep").split("-")
+    keep, width = name.removeprefix("keep").split("-")
     digest = (pkg_dir / f"{keep}.digest").read_text()
-    dtype = compute_dtype(int(bits), model_dtype, bf16)
+    dtype = compute_dtype(int(width), model_dtype, bf16)
     emulator = unpackage(load_package(pkg_dir / keep, digest), dtype=dtype, consume=True)
-    quantize_frozen(emulator.model, int(bits), cpu, dtype)
+    quantize_frozen(emulator.model, int(width), device, dtype)
     return attach_lora(emulator.model, cfg.adapter, layers=emulator.adapter_layers)
 
 
-def _profile(model: Any, data: Any, train: Any, pad: int, vocab: int) -> list[dict[str, Any]]:
-    """Self CPU time of one training step by operator and input shapes, largest first."""
-    import torch
+def _profile(
+    model: Any, data: Any, train: Any, pad: int, vocab: int, device: Any
+) -> list[dict[str, Any]]:
+    """Self time of one training step by operator and input shapes, largest first (CPU time on
+    a CPU, kernel time on a GPU)."""
     from torch.profiler import ProfilerActivity, profile
 
     from fedpeat.train import local_train
 
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-        local_train(model, data, replace(train, local_steps=1), 7, pad, torch.device("cpu"))
+    gpu = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        local_train(model, data, replace(train, local_steps=1), 7, pad, device)
     events = prof.key_averages(group_by_input_shape=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:6]
+
+    def own(e: Any) -> float:
+        return float(e.self_device_time_total if gpu else e.self_cpu_time_total)
+
+    total = sum(own(e) for e in events) or 1.0
+    top = sorted(events, key=lambda e: -own(e))[:6]
     return [
         {
             "op": e.key,
             "shapes": str(e.input_shapes),
-            "share": e.self_cpu_time_total / total,
+            "share": own(e) / total,
             "lm_head": any(vocab in s for s in e.input_shapes if isinstance(s, list)),
         }
         for e in top
     ]
 
 
-def measure(name: str, overrides: str, steps: int, pkg_dir: Path) -> dict[str, Any]:
+def _meters(device: Any) -> tuple[Any, Any, Any]:
+    """(now, peak, reset) in MiB: the process's resident set on a CPU, the CUDA allocator's
+    tensors on a GPU (the CUDA context and the allocator's cache are not counted)."""
+    if device.type == "cuda":
+        return cuda_mb, cuda_peak_mb, cuda_reset_peak
+    return rss_mb, peak_rss_mb, reset_peak
+
+
+def measure(name: str, overrides: str, steps: int, pkg_dir: Path, where: str) -> dict[str, Any]:
     """Runs in the child process."""
     import torch
 
@@ -129,29 +155,35 @@ def measure(name: str, overrides: str, steps: int, pkg_dir: Path) -> dict[str, A
     from fedpeat.train import local_train
 
     cfg = compose(overrides)
-    cpu = torch.device("cpu")
+    device = torch.device(where)
+    now_mb, peak_mb, reset = _meters(device)
     tok = load_tokenizer(cfg.model)
     data = encode(server_train_data(cfg.data), tok, cfg.data.max_length)
     data = [e for e in data if len(e.input_ids) == cfg.data.max_length] or data
     train = replace(cfg.train, lr=FULL_FT_LR) if name == "fed_ft" else cfg.train
     pad = int(tok.pad_token_id)
-    runtime = rss_mb()
-    reset_peak()  # the load's own peak: the package, the model before quantization, both
-    model = _model(name, cfg, pkg_dir)
-    load_peak = peak_rss_mb()
-    model_mb = rss_mb() - runtime
-    slow = name.endswith("-16") and not fast_bf16(cpu)
+    runtime = now_mb()
+    reset()  # the load's own peak: the package, the model being filled, quantization
+    model = _model(name, cfg, pkg_dir, device)
+    load_peak = peak_mb()
+    model_mb = now_mb() - runtime
+    slow = name.endswith("-16") and not fast_bf16(device)
     if not slow:  # optimizer states exist from the first step on
-        local_train(model, data, replace(train, local_steps=1), 0, pad, cpu)
-    reset_peak()
+        local_train(model, data, replace(train, local_steps=1), 0, pad, device)
+    reset()
     start = time.perf_counter()
-    result = local_train(model, data, replace(train, local_steps=1 if slow else steps), 1, pad, cpu)
+    timed = replace(train, local_steps=1 if slow else steps)
+    result = local_train(model, data, timed, 1, pad, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     out: dict[str, Any] = {
+        "device": where,
         "runtime_mb": runtime,
         "model_mb": model_mb,
         "load_peak_mb": load_peak,
-        "train_peak_mb": peak_rss_mb(),
+        "train_peak_mb": peak_mb(),
+        "host_peak_mb": peak_rss_mb(),
         "tokens_per_s": result.tokens / seconds,
         "step_s": seconds / result.steps,
         "timed_steps": result.steps,
@@ -159,11 +191,11 @@ def measure(name: str, overrides: str, steps: int, pkg_dir: Path) -> dict[str, A
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if name in PROFILED:
-        out["profile"] = _profile(model, data, train, pad, len(tok))
+        out["profile"] = _profile(model, data, train, pad, len(tok), device)
     return out
 
 
-def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
+def prepare(overrides: str, pkg_dir: Path, where: str = "cpu") -> dict[str, Any]:
     """Cut every emulator once (as the server does) into its wire form; the cost model's
     estimates and the bytes each configuration exchanges."""
     import torch
@@ -177,7 +209,7 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
 
     cfg = compose(overrides)
     server = ServerModel(cfg)
-    here = DeviceProfile(bf16=fast_bf16(torch.device("cpu")))
+    here = DeviceProfile(bf16=fast_bf16(torch.device(where)))
     runtime = cfg.planner.runtime_mb
     est: dict[str, float] = {}
     load: dict[str, float] = {}
@@ -185,11 +217,11 @@ def prepare(overrides: str, pkg_dir: Path) -> dict[str, Any]:
         pkg = server.package(keep)
         save_package(pkg, pkg_dir / str(keep))
         (pkg_dir / f"{keep}.digest").write_text(pkg.digest)
-        for bits in BITS:
-            cb = compute_bits(bits, here, server.model_bits)
-            est[f"keep{keep}-{bits}"] = server.memory_need_mb(keep, bits, compute_bits=cb) - runtime
-            shape = server.emulator_shape(keep)
-            load[f"keep{keep}-{bits}"] = load_memory_bytes(shape, cb) / 2**20
+        for width in bits(where):
+            cb = compute_bits(width, here, server.model_bits)
+            name = f"keep{keep}-{width}"
+            est[name] = server.memory_need_mb(keep, width, compute_bits=cb) - runtime
+            load[name] = load_memory_bytes(server.emulator_shape(keep), cb) / 2**20
     est["full_lora"] = server.memory_need_mb(None) - runtime
     # Full fine-tuning: weights, gradients and AdamW's two moments (16 B per fp32 parameter)
     # plus the same activations and logits as a LoRA step.
@@ -222,9 +254,9 @@ def _label(name: str, layers: dict[str, int]) -> str:
         return "FlowerTune-style: full model 4-bit NF4 + LoRA (all layers)"
     if name == "full_lora":
         return "full model fp32 + FedPEAT's LoRA"
-    keep, bits = name.removeprefix("keep").split("-")
-    kind = {"32": "fp32", "16": "bf16", "8": "int8", "4": "NF4"}[bits]
-    return f"FedPEAT emulator keep {keep} ({layers[keep]} layers), {bits}-bit {kind}"
+    keep, width = name.removeprefix("keep").split("-")
+    kind = {"32": "fp32", "16": "bf16", "8": "int8", "4": "NF4"}[width]
+    return f"FedPEAT emulator keep {keep} ({layers[keep]} layers), {width}-bit {kind}"
 
 
 def process_peak_mb(row: dict[str, Any]) -> float:
@@ -341,29 +373,48 @@ def main() -> None:
     )
     parser.add_argument("--steps", type=int, default=2, help="timed steps after the warm-up")
     parser.add_argument("--overrides", default="")
-    parser.add_argument("--only", default="", help="comma-separated configurations")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated configurations (reported only with --out, and with "
+        + ",".join(sorted(REQUIRED))
+        + ")",
+    )
     parser.add_argument(
         "--reuse",
         action="store_true",
         help="report the measured rows of bench/results/client_memory.json against the current "
         "estimates (no new measurement)",
     )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where each device trains (cuda: the allocator's peaks, bf16 rows added)",
+    )
+    parser.add_argument(
+        "--out", default="", help="result files' name (default client_memory, client_memory_cuda)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--pkg-dir", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(measure(args.child, args.overrides, args.steps, args.pkg_dir)))
+        row = measure(args.child, args.overrides, args.steps, args.pkg_dir, args.device)
+        print(json.dumps(row))
         return
-    names = args.only.split(",") if args.only else configs()
+    out_name = args.out or ("client_memory" if args.device == "cpu" else "client_memory_cuda")
+    every = configs(args.device)
+    names = args.only.split(",") if args.only else every
     rows: dict[str, dict[str, Any]] = {}
     if args.reuse:
-        rows = json.loads((RESULTS / "client_memory.json").read_text())["rows"]
+        rows = json.loads((RESULTS / f"{out_name}.json").read_text())["rows"]
         names = []
     with tempfile.TemporaryDirectory() as tmp:
-        prep = prepare(args.overrides, Path(tmp))
+        prep = prepare(args.overrides, Path(tmp), args.device)
         for i, name in enumerate(names, 1):
             cmd = [sys.executable, "-m", "bench.client_memory", "--child", name]
             cmd += ["--steps", str(args.steps), "--overrides", args.overrides, "--pkg-dir", tmp]
+            cmd += ["--device", args.device]
             began = time.perf_counter()
             out = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
             if out.returncode != 0:
@@ -375,8 +426,11 @@ def main() -> None:
                 f"({time.perf_counter() - began:.0f}s)",
                 file=sys.stderr,
             )
-    if set(configs()) - set(rows):
-        print("partial run (--only): no report", file=sys.stderr)
+    if set(every) - set(rows) and not (args.out and set(rows) >= REQUIRED):
+        print(
+            "partial run (--only, without --out and the rows the targets need): no report",
+            file=sys.stderr,
+        )
         return
     rep = report(rows, prep)
     where = machine()
@@ -425,12 +479,18 @@ def main() -> None:
             "Hot spots (self CPU time of one training step, top operators):",
             *_hot_lines(rep["hot_spots"]),
             "",
-            f"{where}; batch and length from the config; one process per row.",
+            f"{where}; batch and length from the config; one process per row"
+            + (
+                "; on the GPU, memory is the CUDA allocator's peak (tensors; the CUDA context "
+                "and cached blocks not counted), `runtime` what was allocated before the model."
+                if args.device == "cuda"
+                else "."
+            ),
         ]
     )
-    write_md("client_memory.md", text)
+    write_md(f"{out_name}.md", text)
     write_json(
-        "client_memory.json",
+        f"{out_name}.json",
         {
             "machine": where,
             "rows": rows,

@@ -10,7 +10,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+# FEDPEAT_BENCH_RESULTS redirects every result file (bench/gpu.sh's CPU dry run writes to a
+# scratch folder, so the committed figures stay as measured).
+RESULTS = Path(
+    os.environ.get("FEDPEAT_BENCH_RESULTS") or Path(__file__).resolve().parent / "results"
+)
 MiB = 1024 * 1024
 
 
@@ -39,6 +43,29 @@ def reset_peak() -> None:
 
     release_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")
+
+
+def cuda_reset_peak() -> None:
+    """Reset the CUDA allocator's peak (every visible GPU) to what is allocated now."""
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_peak_mb() -> float:
+    """The CUDA allocator's peak since the last reset (tensors, not the context or cache)."""
+    import torch
+
+    torch.cuda.synchronize()
+    return float(torch.cuda.max_memory_allocated()) / MiB
+
+
+def cuda_mb() -> float:
+    """CUDA memory held by tensors now."""
+    import torch
+
+    return float(torch.cuda.memory_allocated()) / MiB
 
 
 def machine() -> str:

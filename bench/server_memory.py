@@ -18,7 +18,7 @@ with a lighter recipe so it takes minutes on a CPU (2 distillation steps, 8 eval
 one local step); the recipe changes the time, not what is resident.
 Writes bench/results/server_memory.{json,md}.
 
-    python -m bench.server_memory [--only default,llama_1b3]
+    python -m bench.server_memory [--only default,llama_1b3] [--device cuda]
 """
 
 from __future__ import annotations
@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    cuda_mb,
+    cuda_peak_mb,
+    cuda_reset_peak,
     machine,
     peak_rss_mb,
     reset_peak,
@@ -62,7 +65,29 @@ def _weights_mb(model: Any) -> float:
     return sum(seen.values()) / 2**20
 
 
-def measure(overrides: str) -> dict[str, Any]:
+class _Meter:
+    """Each phase's peak over the runtime: the resident set, and on a GPU also the CUDA
+    allocator's tensors (the server's weights live there; packages are built on the host)."""
+
+    def __init__(self, gpu: bool) -> None:
+        self.gpu = gpu
+        self.runtime = rss_mb()
+        self.gpu_runtime = cuda_mb() if gpu else 0.0
+        self.host: dict[str, float] = {}
+        self.device: dict[str, float] = {}
+
+    def reset(self) -> None:
+        reset_peak()
+        if self.gpu:
+            cuda_reset_peak()
+
+    def take(self, phase: str) -> None:
+        self.host[phase] = peak_rss_mb() - self.runtime
+        if self.gpu:
+            self.device[phase] = cuda_peak_mb() - self.gpu_runtime
+
+
+def measure(overrides: str, where: str = "cpu") -> dict[str, Any]:
     """Runs in the child process: each phase's peak over the runtime, in MiB."""
     import torch
 
@@ -72,57 +97,65 @@ def measure(overrides: str) -> dict[str, Any]:
     from strategies.round_stats import to_record
 
     torch.manual_seed(0)
-    cfg = compose(overrides)
-    runtime = rss_mb()
-    reset_peak()
-    phases: dict[str, float] = {}
+    cfg = compose(f"{overrides} train.device={where}".strip())
+    meter = _Meter(where == "cuda")
+    meter.reset()
     seconds: dict[str, float] = {}
     began = time.perf_counter()
     server = ServerModel(cfg)
-    phases["load"], seconds["load"] = peak_rss_mb() - runtime, time.perf_counter() - began
+    meter.take("load")
+    seconds["load"] = time.perf_counter() - began
 
     began, levels = time.perf_counter(), server.device_levels()
     cached = cache_dir() / "emulators"
     before = {p.name: p.stat().st_mtime for p in cached.glob("*.safetensors")}
-    reset_peak()
+    meter.reset()
     for level in levels:  # a machine's first run distils them (then they come from its cache)
         server.emulator(level)
     after = {p.name: p.stat().st_mtime for p in cached.glob("*.safetensors")}
-    phases["emulators"], seconds["emulators"] = peak_rss_mb() - runtime, time.perf_counter() - began
+    meter.take("emulators")
+    seconds["emulators"] = time.perf_counter() - began
 
     began, package_mb = time.perf_counter(), 0.0
-    reset_peak()
+    meter.reset()
     for level in levels:
         record = to_record(server.package(level).state, consume=True)  # as the strategy does
         package_mb = max(package_mb, record.count_bytes() / 2**20)
         del record
-    phases["packages"], seconds["packages"] = peak_rss_mb() - runtime, time.perf_counter() - began
+    meter.take("packages")
+    seconds["packages"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    reset_peak()
+    meter.reset()
     state = server.initial_state
     plugin = server.evaluate(state).ppl
     state, _, _ = server.train(state, 1)
     gap = server.emulator_ppl(min(levels), state).ppl if levels else None
-    phases["round"], seconds["round"] = peak_rss_mb() - runtime, time.perf_counter() - began
+    meter.take("round")
+    seconds["round"] = time.perf_counter() - began
 
     began = time.perf_counter()
-    reset_peak()
+    meter.reset()
     with tempfile.TemporaryDirectory() as tmp:
         server.save_adapter(state, str(Path(tmp) / "adapter"), "base")
         server.save_merged(state, str(Path(tmp) / "merged"))
-    phases["export"], seconds["export"] = peak_rss_mb() - runtime, time.perf_counter() - began
+    meter.take("export")
+    seconds["export"] = time.perf_counter() - began
     return {
         "overrides": overrides,
+        "device": where,
         "params": int(
             sum(p.numel() for p in {p.data_ptr(): p for p in server.base.parameters()}.values())
         ),
         "layers": int(server.base.config.num_hidden_layers),
         "levels": levels,
-        "runtime_mb": runtime,
+        "runtime_mb": meter.runtime,
         "base_mb": _weights_mb(server.base),
         "package_mb": package_mb,
-        "phase_peak_mb": phases,
+        # On a GPU the phase peaks are the allocator's (where the weights are), the host's
+        # resident peaks beside them; on a CPU the resident peaks.
+        "phase_peak_mb": meter.device if meter.gpu else meter.host,
+        "host_phase_peak_mb": meter.host,
         # Distilled here (a cache miss: this machine's first run) or loaded from the cache.
         "distilled_here": after != before,
         "phase_s": seconds,
@@ -177,11 +210,22 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--only", default="", help="comma-separated rows: " + ",".join(ROWS))
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the server's model lives (cuda: the allocator's peaks, host peaks beside)",
+    )
+    parser.add_argument("--overrides", default="", help="added to every row's overrides")
+    parser.add_argument(
+        "--out", default="", help="result files' name (default server_memory, server_memory_cuda)"
+    )
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
-        print(json.dumps(measure(ROWS[args.child])))
+        print(json.dumps(measure(f"{ROWS[args.child]} {args.overrides}".strip(), args.device)))
         return
+    out_name = args.out or ("server_memory" if args.device == "cpu" else "server_memory_cuda")
     names = args.only.split(",") if args.only else list(ROWS)
     unknown = sorted(set(names) - set(ROWS))
     if unknown:
@@ -194,6 +238,7 @@ def main() -> None:
                 env["FEDPEAT_CACHE_DIR"] = cache
             began = time.perf_counter()
             cmd = [sys.executable, "-m", "bench.server_memory", "--child", name]
+            cmd += ["--device", args.device, "--overrides", args.overrides]
             out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             raise RuntimeError(f"bench.server_memory {name} failed:\n{out.stderr[-3000:]}")
@@ -210,8 +255,15 @@ def main() -> None:
         [
             "# Server memory",
             "",
-            f"`python -m bench.server_memory` on {where}. Peak resident memory of a fresh "
-            "process through a run's server work (load, every level's package, one round, "
+            f"`python -m bench.server_memory{'' if args.device == 'cpu' else ' --device cuda'}`"
+            f" on {where}. Peak "
+            + (
+                "resident memory of a fresh process"
+                if args.device == "cpu"
+                else "CUDA allocator memory (the server's weights live on the GPU; the host's "
+                "resident peaks are in the JSON beside) of a fresh process"
+            )
+            + " through a run's server work (load, every level's package, one round, "
             "export), less its runtime (interpreter, libraries, data), against the base model's "
             "weights plus the largest emulator package.",
             "",
@@ -219,13 +271,12 @@ def main() -> None:
             "",
         ]
     )
-    if set(ROWS) - set(rows):
+    if set(ROWS) - set(rows) and not args.out:
         print(md)
-        print("partial run (--only): results not written", file=sys.stderr)
+        print("partial run (--only without --out): results not written", file=sys.stderr)
         return
-    write_json("server_memory.json", {"machine": where, "rows": rows, "summary": summary})
-    write_md("server_memory.md", md)
-    print(md)
+    write_json(f"{out_name}.json", {"machine": where, "rows": rows, "summary": summary})
+    write_md(out_name + ".md", md)
 
 
 if __name__ == "__main__":

@@ -148,6 +148,7 @@ def train(msg: Message, context: Context) -> Message:
             "train_s": result.seconds,
             "train_tokens": result.tokens,
             "peak_mem_mb": result.peak_mem_mb,
+            "gpu": result.gpu,
             "handler_s": time.perf_counter() - began,
             **(
                 {

@@ -11,7 +11,9 @@ Train   (server -> device): ArrayRecord ADAPTER (global adapter, full-model laye
                             ArrayRecord RESIDUAL (aggregation=exact with strategy.residual: the
                             global adapter beyond the device's rank, frozen LoRA factors)
 Reply   (device -> server): ArrayRecord ADAPTER (trained adapter), MetricRecord METRICS
-                            {"num-examples", "train_loss", "train_s", "train_tokens", "peak_mem_mb"}
+                            {"num-examples", "train_loss", "train_s", "train_tokens", "peak_mem_mb",
+                            "gpu" (CUDA index trained on, -1: CPU), "handler_s",
+                            "received_eval_*" (strategy.evaluate_received)}
 Evaluate (server -> device): ADAPTER, PLAN and RESIDUAL as for train
 Reply   (device -> server): MetricRecord METRICS {"num-examples", "eval_loss", "eval_ppl",
                             "eval_tokens"}

@@ -59,6 +59,8 @@ class TrainResult:
     tokens: int
     seconds: float
     peak_mem_mb: float
+    gpu: int = -1
+    """The CUDA device index it trained on, as this process numbers them (-1: the CPU)."""
 
 
 @dataclass
@@ -77,6 +79,13 @@ class EvalResult:
         nll = sum(self.sample_nll[i] for i in idx)
         count = sum(self.sample_tokens[i] for i in idx)
         return math.exp(min(nll / max(count, 1), 50.0))
+
+
+def gpu_index(device: torch.device) -> int:
+    """`device`'s CUDA index (the current one for a bare `cuda`), -1 for any other device."""
+    if device.type != "cuda":
+        return -1
+    return int(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -244,6 +253,7 @@ def local_train(
         tokens=tokens,
         seconds=time.perf_counter() - start,
         peak_mem_mb=peak_memory_mb(device),
+        gpu=gpu_index(device),
     )
 
 

@@ -72,6 +72,9 @@ class DeviceRound:
     handler_s: float | None = None
     """Seconds in the ClientApp's train handler (loading the emulator, training, packing)."""
     peak_mem_mb: float | None = None
+    """Its training's peak: the process's resident set on a CPU, the CUDA allocator's on a GPU."""
+    gpu: int | None = None
+    """The CUDA device index it trained on as its process numbers them (-1: the CPU)."""
     received_loss: float | None = None
     received_tokens: float | None = None
     """`strategy.evaluate_received`: the device's held-out NLL per token (and tokens) of the
@@ -171,6 +174,8 @@ class RoundStats:
             dev.train_s = finite(metrics.get("train_s"))
             dev.handler_s = finite(metrics.get("handler_s"))
             dev.peak_mem_mb = finite(metrics.get("peak_mem_mb"))
+            gpu = finite(metrics.get("gpu"))
+            dev.gpu = None if gpu is None else int(gpu)
             loss, tokens = (
                 finite(metrics.get("received_eval_loss")),
                 finite(metrics.get("received_eval_tokens")),

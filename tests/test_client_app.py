@@ -56,6 +56,7 @@ def test_client_train_replies_with_a_trained_adapter(
     metrics = reply.content.metric_records[METRICS_KEY]
     assert metrics["num-examples"] > 0 and np.isfinite(metrics["train_loss"])
     assert metrics["train_s"] > 0 and metrics["peak_mem_mb"] > 0
+    assert metrics["gpu"] == -1  # trained on the CPU
     if level is not None:
         # The device cached the emulator under its digest, and reports it in its profile.
         assert (tmp_path / "device-1" / f"{plan.emulator.digest}.safetensors").is_file()

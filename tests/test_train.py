@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from fedpeat.data import encode
-from fedpeat.train import _decoder_and_head, collate, evaluate_ppl, local_train, token_nll
+from fedpeat.train import (
+    _decoder_and_head,
+    collate,
+    evaluate_ppl,
+    gpu_index,
+    local_train,
+    token_nll,
+)
 
 CPU = torch.device("cpu")
 
@@ -23,6 +30,12 @@ def test_collate_pads_right_with_ignored_labels(tokenizer) -> None:
     assert batch["input_ids"].shape == (2, n0)
     assert batch["attention_mask"][1].tolist() == [1] * n1 + [0] * (n0 - n1)
     assert batch["labels"][1, n1:].tolist() == [-100] * (n0 - n1)
+
+
+def test_gpu_index_names_the_cuda_device_or_minus_one() -> None:
+    assert gpu_index(torch.device("cpu")) == -1
+    assert gpu_index(torch.device("meta")) == -1
+    assert gpu_index(torch.device("cuda", 3)) == 3  # an explicit index, no CUDA call needed
 
 
 def test_local_training_lowers_the_loss_and_touches_only_the_adapter(
