@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from fedpeat.emulator import (
     to_emulator_keys,
     to_emulator_modules,
 )
-from fedpeat.emulator_cache import model_digest
+from fedpeat.emulator_cache import load_cached, model_digest
 from fedpeat.full_ft import full_state, set_full_state, trainable_full_model
 from fedpeat.importance import (
     block_influence,
@@ -98,14 +99,8 @@ class ServerModel:
         e = cfg.emulator
         self.layer_scores: list[float] | None = None
         if e.case != 3 and e.layer_choice == "importance":
-            self.layer_scores = block_influence(
-                self.base,
-                self.train_data or self.held_out,
-                cfg.train.batch_size,
-                cfg.planner.calibration_batches,
-                self.pad_id,
-                self.device,
-            )
+            args = (cfg.train.batch_size, cfg.planner.calibration_batches, self.pad_id, self.device)
+            self.layer_scores = block_influence(self.base, self.train_data or self.held_out, *args)
         # Cases 1 and 2: the adapter region (in every emulator) or, `emulator.adapt=held`,
         # every layer some level holds; a device then trains the part its emulator holds.
         self.adapter_layers = (
@@ -345,9 +340,10 @@ class ServerModel:
             self.emulators[level] = emulator
         return self.emulators[level]
 
-    def distill_key(self, emulator: Emulator) -> str:
-        """What a distilled emulator derives from: the model's weights, the kept layers, the
-        recipe, the wire dtype and the distillation data (its token ids)."""
+    def distill_file(self, layers: list[int]) -> tuple[Path, str]:
+        """The cache file of the emulator distilled on `layers`, and its derivation key: what
+        it derives from (the model's weights, the layers, the recipe, the wire dtype and the
+        distillation data's token ids)."""
         if not self._model_digest:
             self._model_digest = model_digest(self.base)
         data = hashlib.sha256(
@@ -356,7 +352,7 @@ class ServerModel:
         e = self.cfg.emulator
         recipe = {
             "model": self._model_digest,
-            "layers": emulator.layers,
+            "layers": layers,
             "bottom": e.bottom,
             "top": e.top,
             "distill": asdict(e.distill),
@@ -364,14 +360,14 @@ class ServerModel:
             "data": data,
             "version": DISTILL_VERSION,
         }
-        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        key = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+        return cache_dir() / "emulators" / f"{key[:32]}.safetensors", key
 
     def _distilled(self, emulator: Emulator, wire: torch.dtype) -> None:
         """Distil `emulator`'s middle layers in place, or load them from the disk cache."""
         from fedpeat.distill import distilled_in_place
 
-        key = self.distill_key(emulator)
-        path = cache_dir() / "emulators" / f"{key[:32]}.safetensors"
+        path, key = self.distill_file(emulator.layers)
         args = (self.base, self.train_data, self.cfg.emulator.distill, self.pad_id, self.device)
         distilled_in_place(emulator, *args, wire, path, key)
 
@@ -379,7 +375,12 @@ class ServerModel:
         """The wire package at `level`, with its tensors, built afresh for the caller to send
         (and drop: the server keeps none, half an emulator each at fp16); `package_ref`
         answers everything else."""
-        pkg = package(self.emulator(level), getattr(torch, self.cfg.emulator.wire_dtype))
+        e, pkg = self.cfg.emulator, None
+        n = self.full_shape.layers
+        layers = select_layers(n, e.bottom, e.top, level, self.layer_scores)
+        if level not in self.emulators and e.distill.enabled and len(layers) < n:
+            pkg = load_cached(*self.distill_file(layers))  # a distilled one's file: its package
+        pkg = pkg or package(self.emulator(level), getattr(torch, e.wire_dtype))
         self._refs[level] = (replace(pkg, state={}), pkg.nbytes)
         return pkg
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedpeat.emulator import build_emulator
+from fedpeat.emulator import build_emulator, package
 
 
 def test_distillation_pulls_the_emulator_towards_the_full_model(tiny_cfg, full, tokenizer) -> None:
@@ -111,8 +111,12 @@ def test_distilled_emulators_are_cached_on_disk(tiny_cfg, tmp_path, monkeypatch)
     assert calls == [1] and len(files) == 1  # miss: distilled once, written
 
     again = _server(tiny_cfg, tmp_path, monkeypatch)
-    assert again.package(0.4).digest == digest and calls == [1]  # hit: same bytes, no work
+    sent = again.package(0.4)  # hit: the cache file is the package, no emulator built
+    assert sent.digest == digest and calls == [1] and not again.emulators
     assert again.emulator(0.4).distilled
+    built = package(again.emulator(0.4), torch.float16)  # the same bytes as from the emulator
+    assert built.digest == digest and built.state.keys() == sent.state.keys()
+    assert all(np.array_equal(v, sent.state[k]) for k, v in built.state.items())
 
     changed = _server(tiny_cfg, tmp_path, monkeypatch, lr=5e-4)  # another recipe: a miss
     assert changed.package(0.4).digest != digest and calls == [1, 1]
