@@ -226,8 +226,6 @@ class ServerModel:
         """LoRA parameters of `adapter` (explicit modules) on this model."""
         return lora_params(self.module_shapes, adapter.modules, adapter.r)
 
-    # -- evaluation and training on the full model
-
     def _load(self, state: AdapterState) -> torch.nn.Module:
         """The full model carrying `state` (the adapter, or under fed_ft every weight)."""
         if self.full_ft:
@@ -329,9 +327,7 @@ class ServerModel:
         model, level, layer choice, recipe and data were distilled before. One is resident at
         a time (the server's memory stays at the base model plus one emulator's middle)."""
         if level not in self.emulators:
-            if self.emulators:  # before building: never two middles at once (a model's module
-                self.emulators.clear()  # tree holds reference cycles: collect them now)
-                gc.collect()
+            self._evict()  # before building: never two middles at once
             e = self.cfg.emulator
             wire = getattr(torch, e.wire_dtype)
             emulator = shared_emulator(self.base, level, e.bottom, e.top, wire, self.layer_scores)
@@ -339,6 +335,12 @@ class ServerModel:
                 self._distilled(emulator, wire)
             self.emulators[level] = emulator
         return self.emulators[level]
+
+    def _evict(self) -> None:
+        """Drop the resident emulator (its module tree's reference cycles collected now)."""
+        if self.emulators:
+            self.emulators.clear()
+            gc.collect()
 
     def distill_file(self, layers: list[int]) -> tuple[Path, str]:
         """The cache file of the emulator distilled on `layers`, and its derivation key: what
@@ -372,14 +374,14 @@ class ServerModel:
         distilled_in_place(emulator, *args, wire, path, key)
 
     def package(self, level: float) -> Package:
-        """The wire package at `level`, with its tensors, built afresh for the caller to send
-        (and drop: the server keeps none, half an emulator each at fp16); `package_ref`
-        answers everything else."""
-        e, pkg = self.cfg.emulator, None
-        n = self.full_shape.layers
+        """The wire package at `level`, with its tensors, for the caller to send and drop (the
+        server keeps none); `package_ref` answers everything else."""
+        e, pkg, n = self.cfg.emulator, None, self.full_shape.layers
         layers = select_layers(n, e.bottom, e.top, level, self.layer_scores)
-        if level not in self.emulators and e.distill.enabled and len(layers) < n:
-            pkg = load_cached(*self.distill_file(layers))  # a distilled one's file: its package
+        cached = self.distill_file(layers) if e.distill.enabled and len(layers) < n else None
+        if cached and cached[0].is_file():
+            self._evict()  # a distilled emulator's cache file is its package: read it alone
+            pkg = load_cached(*cached)
         pkg = pkg or package(self.emulator(level), getattr(torch, e.wire_dtype))
         self._refs[level] = (replace(pkg, state={}), pkg.nbytes)
         return pkg
