@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -59,20 +59,38 @@ def importance_scores(
     for w in weights.values():
         w.requires_grad_(True)
     totals = dict.fromkeys(weights, 0.0)
+    seen = dict.fromkeys(weights, 0)
+
+    def score(name: str) -> Callable[[torch.Tensor], None]:
+        def hook(w: torch.Tensor) -> None:
+            assert w.grad is not None
+            totals[name] += float((w.detach() * w.grad).abs().sum())
+            seen[name] += 1
+            w.grad = None  # scored as soon as it exists: every candidate's at once would cost
+            # as much memory again as the candidates' weights (all layers', `adapt=held`)
+
+        return hook
+
+    hooks = [w.register_post_accumulate_grad_hook(score(n)) for n, w in weights.items()]
     used = 0
     was_training = model.training
     model.eval()  # no dropout: the score of the deployed weights
+    for module in model.modules():  # transformers recomputes a checkpointing layer's
+        if getattr(module, "gradient_checkpointing", False):  # activations in training mode
+            module.training = True  # only: the layer alone, its dropouts stay off
     try:
         for chunk in list(batches(list(data), batch_size))[:n_batches]:
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             model.zero_grad(set_to_none=True)
             scored = (batch["labels"][:, 1:] != -100).sum().clamp(min=1)
             (token_nll(model, batch, loss_chunk).sum() / scored).backward()
-            for name, w in weights.items():
-                assert w.grad is not None
-                totals[name] += float((w.detach() * w.grad).abs().sum())
             used += 1
+            missed = [n for n, k in seen.items() if k != used]
+            if missed:  # a candidate the loss does not reach would score 0 silently
+                raise RuntimeError(f"importance: no gradient reached {missed[:3]}")
     finally:
+        for handle in hooks:
+            handle.remove()
         model.zero_grad(set_to_none=True)
         for p, flag in flags.items():
             p.requires_grad_(flag)

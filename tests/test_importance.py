@@ -61,3 +61,35 @@ def test_importance_is_the_mean_of_abs_weight_times_gradient(tiny_cfg, tokenizer
     w.requires_grad_(False)
     assert scores["layers.7.self_attn.q_proj"] == pytest.approx(np.mean(totals), rel=1e-5)
     assert all(not p.requires_grad for p in model.parameters())  # left frozen
+
+
+def test_importance_recomputes_activations_on_a_checkpointing_model(
+    tiny_cfg, tokenizer, data
+) -> None:
+    # transformers checkpoints a layer only in training mode; the calibration runs in eval mode
+    # (no dropout), so without care a checkpointing model would keep every activation.
+    from fedpeat.model import sharing_twin
+
+    full = load_model(tiny_cfg.model, cached=False)
+    twin = sharing_twin(full)
+    twin.gradient_checkpointing_enable({"use_reentrant": False})
+    projections = ["q_proj", "down_proj"]
+    args = (data, 4, 2, tokenizer.pad_token_id, CPU, 8)
+
+    def saved_and_scores(model: torch.nn.Module) -> tuple[int, dict[str, float]]:
+        count = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            count[0] += 1
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            scores = importance_scores(model, candidate_modules(model, projections, None), *args)
+        return count[0], scores
+
+    plain_saved, plain = saved_and_scores(full)
+    ckpt_saved, ckpt = saved_and_scores(twin)
+    assert ckpt == plain  # the same scores, bit for bit
+    # The recomputation saves its tensors during the backward too, yet fewer than all kept.
+    assert ckpt_saved < plain_saved, (ckpt_saved, plain_saved)
+    assert not twin.training and not any(m.training for m in twin.modules())  # restored
