@@ -41,13 +41,9 @@ from typing import Any
 
 from bench.common import (
     RESULTS,
-    cuda_mb,
-    cuda_peak_mb,
-    cuda_reset_peak,
     machine,
+    memory_meters,
     peak_rss_mb,
-    reset_peak,
-    rss_mb,
     table,
     write_json,
     write_md,
@@ -136,14 +132,6 @@ def _profile(
     ]
 
 
-def _meters(device: Any) -> tuple[Any, Any, Any]:
-    """(now, peak, reset) in MiB: the process's resident set on a CPU, the CUDA allocator's
-    tensors on a GPU (the CUDA context and the allocator's cache are not counted)."""
-    if device.type == "cuda":
-        return cuda_mb, cuda_peak_mb, cuda_reset_peak
-    return rss_mb, peak_rss_mb, reset_peak
-
-
 def measure(name: str, overrides: str, steps: int, pkg_dir: Path, where: str) -> dict[str, Any]:
     """Runs in the child process."""
     import torch
@@ -156,7 +144,7 @@ def measure(name: str, overrides: str, steps: int, pkg_dir: Path, where: str) ->
 
     cfg = compose(overrides)
     device = torch.device(where)
-    now_mb, peak_mb, reset = _meters(device)
+    now_mb, peak_mb, reset = memory_meters(device)
     tok = load_tokenizer(cfg.model)
     data = encode(server_train_data(cfg.data), tok, cfg.data.max_length)
     data = [e for e in data if len(e.input_ids) == cfg.data.max_length] or data

@@ -68,6 +68,14 @@ def cuda_mb() -> float:
     return float(torch.cuda.memory_allocated()) / MiB
 
 
+def memory_meters(device: Any) -> tuple[Any, Any, Any]:
+    """(now, peak, reset) in MiB for a torch device: the process's resident set on a CPU, the
+    CUDA allocator's tensors on a GPU (the CUDA context and the allocator's cache not counted)."""
+    if device.type == "cuda":
+        return cuda_mb, cuda_peak_mb, cuda_reset_peak
+    return rss_mb, peak_rss_mb, reset_peak
+
+
 def machine() -> str:
     """The machine in one line: CPU model, cores, memory, GPU if any."""
     import torch
