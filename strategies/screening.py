@@ -111,7 +111,18 @@ def accept_replies(
     for node in stats.devices.keys() - answered:  # the grid gave up on them at the deadline
         reason = f"no reply within strategy.round_timeout_s={timeout_s:g}"
         refused.append((node, reason, "timeout"))
+    # Replies come in the order they arrived, which load changes from run to run; the average
+    # adds them in a fixed one (partition, then node: node ids differ between runs, partitions
+    # do not), so a run and its resumption sum the same floats in the same order.
+    valid.sort(
+        key=lambda a: (_partition(stats, a[0].metadata.src_node_id), a[0].metadata.src_node_id)
+    )
     return valid, refused
+
+
+def _partition(stats: RoundStats, node: int) -> int:
+    dev = stats.devices.get(node)
+    return dev.partition if dev is not None else -1
 
 
 def screen_norms(
