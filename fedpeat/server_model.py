@@ -139,7 +139,7 @@ class ServerModel:
         ]
         self._refs: dict[float, tuple[Package, int]] = {}
         self.emulators: dict[float, Emulator] = {}
-        self._model_digest = ""
+        self._digests: tuple[str, str] | None = None
         self.check_protection()
 
     def device_levels(self) -> list[float]:
@@ -346,14 +346,13 @@ class ServerModel:
         """The cache file of the emulator distilled on `layers`, and its derivation key: what
         it derives from (the model's weights, the layers, the recipe, the wire dtype and the
         distillation data's token ids)."""
-        if not self._model_digest:
-            self._model_digest = model_digest(self.base)
-        data = hashlib.sha256(
-            json.dumps([[d.input_ids, d.labels] for d in self.train_data]).encode()
-        ).hexdigest()
+        if not self._digests:  # the weights' and the data's: hashed once (packages ask each round)
+            ids = json.dumps([[d.input_ids, d.labels] for d in self.train_data]).encode()
+            self._digests = (model_digest(self.base), hashlib.sha256(ids).hexdigest())
+        model, data = self._digests
         e = self.cfg.emulator
         recipe = {
-            "model": self._model_digest,
+            "model": model,
             "layers": layers,
             "bottom": e.bottom,
             "top": e.top,
