@@ -23,7 +23,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from fedpeat.model import sharing_twin
-from fedpeat.quantization import TRIM_EVERY_BYTES, trim_heap
+from fedpeat.quantization import count_freed, trim_heap
 
 
 class EmulatorError(ValueError):
@@ -178,11 +178,9 @@ def _model_from_state(
                 )
             target[key].copy_(src)
             filled.add(target[key].untyped_storage().data_ptr())
-            freed += src.nbytes if consume else 0
+            nbytes = src.nbytes if consume else 0
             del value, src  # with `consume`, the last reference to the package's tensor
-            if freed >= TRIM_EVERY_BYTES:  # glibc keeps freed heap until asked to return it
-                trim_heap()
-                freed = 0
+            freed = count_freed(freed, nbytes)  # glibc keeps freed heap until asked
     missing = sorted(k for k, v in target.items() if v.untyped_storage().data_ptr() not in filled)
     # Non-persistent buffers (RoPE frequencies) are computed, not stored: they need no state.
     buffers = {name for name, _ in model.named_buffers()}

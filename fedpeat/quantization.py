@@ -109,11 +109,8 @@ def quantize_frozen(
             layer.bias = torch.nn.Parameter(linear.bias.data.to("cpu"), requires_grad=False)
         # Moving a bnb parameter onto a device is what quantizes it.
         setattr(parent, child_name, layer.to(device))
-        freed += weight.nbytes
+        freed = count_freed(freed, weight.nbytes)  # so freed full-width weights do not pile up
         del parent, linear, weight, layer
-        if freed >= TRIM_EVERY_BYTES:  # so the freed full-width weights do not pile up
-            trim_heap()
-            freed = 0
     release_freed_memory()
     return model.to(device)
 
@@ -125,6 +122,16 @@ def release_freed_memory() -> None:
 
     gc.collect()
     trim_heap()
+
+
+def count_freed(freed: int, nbytes: int) -> int:
+    """Bytes freed since the heap was last trimmed, `nbytes` more: past `TRIM_EVERY_BYTES` the
+    heap goes back to the OS and the count restarts (call after dropping the last reference)."""
+    freed += nbytes
+    if freed < TRIM_EVERY_BYTES:
+        return freed
+    trim_heap()
+    return 0
 
 
 def trim_heap() -> None:
