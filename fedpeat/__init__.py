@@ -36,3 +36,8 @@ class _DropMessage(logging.Filter):
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     _DropMessage("Failed to load CPU gemm_4bit_forward from kernels-community")
 )
+# LLM.int8 casts bf16/fp32 inputs to fp16 by design, and bitsandbytes logs so on every forward
+# pass: one line per step of every 8-bit device, hundreds in one default run.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+    _DropMessage("MatMul8bitLt: inputs will be cast")
+)

@@ -16,7 +16,6 @@ layers unchanged: the adapter stays float32 and trains on the dequantized forwar
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import torch
@@ -63,9 +62,6 @@ def quantize_frozen(
     if dtype is not None:
         model.to(dtype)
     import bitsandbytes as bnb  # lazily: it probes CUDA at import
-
-    # LLM.int8 casts fp32 inputs to fp16 by design and says so on every forward pass.
-    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
 
     targets = [
         (parent, child_name, child)

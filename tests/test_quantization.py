@@ -138,3 +138,27 @@ def test_an_evaluation_leaves_the_4bit_backward_intact(
     assert before.keys() == after.keys() and len(before) == 2 * 7 * len(full.model.layers)
     for name, g in before.items():
         torch.testing.assert_close(after[name], g, msg=name)
+
+
+def test_the_int8_cast_notice_is_dropped_and_other_messages_kept(caplog) -> None:
+    """bitsandbytes logs the int8 input cast on every forward pass (hundreds of lines a run)."""
+    import logging
+
+    import fedpeat  # noqa: F401  (installs the filter)
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList([torch.nn.Linear(16, 16)])
+
+    model = Block()
+    quantize_frozen(model, 8, CPU, torch.float32)
+    assert quantized_linear_count(model)["int8"] == 1
+    logger = logging.getLogger("bitsandbytes.autograd._functions")
+    model.eval()  # in training mode bitsandbytes takes another path on a CPU, without the notice
+    with caplog.at_level(logging.WARNING), torch.no_grad():
+        model.layers[0](torch.randn(2, 16))
+        logger.warning("another message")
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("MatMul8bitLt" in m for m in messages), messages
+    assert "another message" in messages
