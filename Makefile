@@ -27,7 +27,7 @@ SWEEP ?= controller=fixed,random,greedy,oort,ppo
 #   make run OVERRIDES="\"data.prompt_template='Q: {prompt} A: '\""
 export OVERRIDES SWEEP
 
-.PHONY: run test lint bench bench-gpu deps clean-runs sweep pretrain deploy certs
+.PHONY: run test lint bench bench-gpu bench-formats deps clean-runs sweep pretrain deploy certs
 
 $(BIN)/.deps: pyproject.toml requirements.lock
 	@test -n "$(PYTHON)" || { echo "python3.11 not found"; exit 1; }
@@ -80,6 +80,14 @@ bench: $(BIN)/.deps
 # fractions); `make bench-gpu ARGS=--dry-run` runs the same steps small on a CPU.
 bench-gpu: $(BIN)/.deps
 	bash bench/gpu.sh $(ARGS)
+
+# Weight formats for a device's frozen weights on a CPU (bitsandbytes against torchao). torchao
+# goes into a folder of its own, not .venv: PEFT imports torchao whenever it is installed, which
+# would add to every device process's memory.
+TORCHAO := torchao==0.18.0
+bench-formats: $(BIN)/.deps
+	$(BIN)/python -m pip install -q --no-deps --upgrade --target .cache/torchao $(TORCHAO)
+	PYTHONPATH=.cache/torchao $(BIN)/python -m bench.weight_formats $(ARGS)
 
 clean-runs:
 	rm -rf runs
