@@ -113,10 +113,20 @@ def execute(spec: Spec, devices: int, reuse: bool, threads: int = 0) -> Path:
     if reuse and (run_dir / "summary.json").is_file():
         return run_dir
     shutil.rmtree(run_dir, ignore_errors=True)
-    env = {**os.environ, "FEDPEAT_DEVICE_CACHE_DIR": str(run_dir.with_name(spec.name + "-disks"))}
+    disks = run_dir.with_name(spec.name + "-disks")
+    env = {**os.environ, "FEDPEAT_DEVICE_CACHE_DIR": str(disks)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    shutil.rmtree(env["FEDPEAT_DEVICE_CACHE_DIR"], ignore_errors=True)
+    shutil.rmtree(disks, ignore_errors=True)
+    try:
+        return _run(spec, devices, run_dir, env)
+    finally:
+        # The devices' simulated disks (the emulators they cached, near 1 GB a run) serve only
+        # the run itself: kept, a whole `make bench` would leave tens of GB behind.
+        shutil.rmtree(disks, ignore_errors=True)
+
+
+def _run(spec: Spec, devices: int, run_dir: Path, env: dict[str, str]) -> Path:
     if spec.ray:
         from fedpeat.cli.launch import launch
 

@@ -355,3 +355,32 @@ def test_default_run_overhead_by_hand() -> None:
     assert r3["devices"] == 0  # nothing measured: no ratio, and it does not count
     assert fig["worst_later_round"] == pytest.approx(12.0) and not fig["met"]
     assert "| 1 | 2 | 60.0 | 5.0 | 5.0 | 8.0 | 3.33 |" in text
+
+
+def test_a_bench_run_leaves_no_device_disks_behind(tmp_path, monkeypatch) -> None:
+    """The devices' simulated disks (near 1 GB a run) go once the run ends, failed or not."""
+    from pathlib import Path
+
+    import bench.federated as fed
+
+    monkeypatch.setattr(fed, "RUNS_DIR", tmp_path)
+    seen: list[Path] = []
+
+    def fake_run(spec, devices, run_dir, env) -> Path:
+        disks = Path(env["FEDPEAT_DEVICE_CACHE_DIR"])
+        (disks / "device-0").mkdir(parents=True)
+        (disks / "device-0" / "emulator.safetensors").write_bytes(b"x" * 10)
+        seen.append(disks)
+        if spec.name == "fails":
+            raise RuntimeError("the run failed")
+        run_dir.mkdir(parents=True)
+        (run_dir / "summary.json").write_text("{}")
+        return run_dir
+
+    monkeypatch.setattr(fed, "_run", fake_run)
+    out = fed.execute(fed.Spec("ok", "fixed", "", 42), 2, reuse=False)
+    assert (out / "summary.json").is_file() and seen[0].parent == tmp_path
+    assert not seen[0].exists()
+    with pytest.raises(RuntimeError, match="failed"):
+        fed.execute(fed.Spec("fails", "fixed", "", 42), 2, reuse=False)
+    assert not seen[1].exists()
