@@ -27,7 +27,7 @@ samples / prompts; the share of the model's layers and parameters a device held;
 emulator-vs-plug-in gap (Offsite-Tuning's criterion: the emulator must score clearly below).
 Writes bench/results/transfer.{md,json}; runs go to runs/bench/ (`--reuse` keeps finished ones).
 
-    python -m bench.transfer [--data e2e,shakespeare] [--reuse]
+    python -m bench.transfer [--data e2e,shakespeare] [--reuse] [--rows a,b] [--seed 43]
 """
 
 from __future__ import annotations
@@ -127,15 +127,23 @@ def own_training(overrides: str, pooled: bool) -> dict[str, Any]:
     }
 
 
+SEED = 42  # the config's seed: the committed table's rows
+
+
 def run_rows(
-    data: str, reuse: bool, report_only: bool = False, only: list[str] | None = None
+    data: str,
+    reuse: bool,
+    report_only: bool = False,
+    only: list[str] | None = None,
+    seed: int = SEED,
 ) -> dict[str, Any]:
     """The rows of `data` (`only`: those named); `report_only`: only the rows already run
-    (no new work)."""
-    base = f"{DATA[data]} {COMMON}".strip()
+    (no new work); `seed`: another training seed, its runs kept apart from the table's."""
+    base = f"{DATA[data]} {COMMON}".strip() + ("" if seed == SEED else f" seed={seed}")
+    prefix = "transfer" if seed == SEED else f"transfer-seed{seed}"
     out: dict[str, Any] = {}
     for name, extra in ROWS.items():
-        finished = (RUNS_DIR / f"transfer-{data}-{name}" / "summary.json").is_file()
+        finished = (RUNS_DIR / f"{prefix}-{data}-{name}" / "summary.json").is_file()
         if only and name not in only and not finished:
             continue
         overrides = f"{base} {extra}".strip()
@@ -148,7 +156,7 @@ def run_rows(
             continue
         # A finished row not named in `only` is kept as it is, never run again.
         keep = reuse or bool(only and name not in only)
-        run_dir = execute(Spec(f"transfer-{data}-{name}", name, overrides, 42), DEVICES, keep)
+        run_dir = execute(Spec(f"{prefix}-{data}-{name}", name, overrides, seed), DEVICES, keep)
         summary = json.loads((run_dir / "summary.json").read_text())
         summary.pop("run_dir", None)  # a path of this machine: not for a committed result
         out[name] = {
@@ -162,7 +170,7 @@ def run_rows(
         out["base"] = {"test": {"plugin": out["case3"]["test"]["base"]}, "summary": {}}
     for name, pooled in (("server", False), ("centralised", True)):
         # Not a Flower run: the row is kept as one JSON file beside the federated runs.
-        saved = RUNS_DIR / f"transfer-{data}-{name}" / "result.json"
+        saved = RUNS_DIR / f"{prefix}-{data}-{name}" / "result.json"
         if reuse and saved.is_file():
             out[name] = json.loads(saved.read_text())
         elif (only and name not in only) or report_only:
@@ -209,7 +217,8 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [
         "# Transfer: does training on an emulator improve the full model?",
         "",
-        f"`python -m bench.transfer` on {results['machine']}. {results['rounds']} rounds "
+        f"`python -m bench.transfer` on {results['machine']}, seed {results.get('seed', SEED)}. "
+        f"{results['rounds']} rounds "
         "(the `fedpeat_9_rounds` row: 9), "
         f"{DEVICES} devices, the default local steps, `{COMMON}` (the server does not train, so "
         "every gain is the devices'); figures on the test split with bootstrap 95% intervals. "
@@ -302,17 +311,26 @@ def main() -> None:
         help="keep the rows of the committed bench/results/transfer.json that this call does "
         "not run (a new row on another machine without re-running the others)",
     )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="training seed of every row (how far a row moves between seeds); another than "
+        f"{SEED} writes transfer_seed<N>.{{md,json}} from runs/bench/transfer-seed<N>-*",
+    )
     args = parser.parse_args()
     from fedpeat.config import compose
 
-    earlier = json.loads((RESULTS / "transfer.json").read_text()) if args.merge else {}
+    # Another seed is a file of its own: the table stays the default seed's.
+    stem = "transfer" if args.seed == SEED else f"transfer_seed{args.seed}"
+    earlier = json.loads((RESULTS / f"{stem}.json").read_text()) if args.merge else {}
     kept = earlier.get("data", {})
     here = machine()
     if earlier:  # quality figures, but say where each ran: every machine named before, once
         *named, last = [m.rstrip(")") for m in earlier["machine"].split(_ELSEWHERE)]
         others = sorted({*named, last} - {here})
         here += f"{_ELSEWHERE}{'; '.join(others)})" if others else ""
-    results: dict[str, Any] = {"machine": here, "rounds": compose("").rounds}
+    results: dict[str, Any] = {"machine": here, "rounds": compose("").rounds, "seed": args.seed}
     results["data"] = {data: dict(rows) for data, rows in kept.items()}
     for data in args.data.split(","):
         if data == "e2e" and not E2E.is_file():
@@ -323,11 +341,12 @@ def main() -> None:
             args.reuse or args.report_only,
             args.report_only,
             [r for r in args.rows.split(",") if r],
+            args.seed,
         )
         results["data"][data] = {**results["data"].get(data, {}), **rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json("transfer.json", results)
-    write_md("transfer.md", markdown(results))
+    write_json(f"{stem}.json", results)
+    write_md(f"{stem}.md", markdown(results))
 
 
 if __name__ == "__main__":
