@@ -240,7 +240,6 @@ def measure(overrides: str, reps: int) -> dict[str, Any]:
         ref = next((r for r in rows if r["format"] == plain.get(row.get("dtype", ""))), None)
         if "ms" in row and ref is not None and "ms" in ref:
             row["vs_plain"] = row["ms"] / ref["ms"]
-    libraries = {"bitsandbytes": "bitsandbytes", "torchao": "torchao"}
     return {
         "machine": machine(),
         "model": cfg.model.name,
@@ -248,7 +247,7 @@ def measure(overrides: str, reps: int) -> dict[str, Any]:
         "bf16_native": bf16,
         "reps": reps,
         "rows": rows,
-        "imports": {lib: import_cost(mod) for lib, mod in libraries.items()},
+        "imports": {lib: import_cost(lib) for lib in ("bitsandbytes", "torchao")},
         "chosen": {bits: choose(rows, bits) for bits in (4, 8)},
     }
 
